@@ -1,0 +1,3 @@
+"""gateway package."""
+
+__all__: list[str] = []

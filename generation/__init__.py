@@ -1,0 +1,3 @@
+"""generation package."""
+
+__all__: list[str] = []
