@@ -1,0 +1,271 @@
+"""A provider speaking the OpenAI videos API, reached over HTTP.
+
+    POST {base}/videos                 {model, prompt, seconds: "4", size: "1280x720"}
+                                       (multipart with `input_reference` when an image is given)
+    GET  {base}/videos/{id}            {id, status: queued|in_progress|completed|failed,
+                                        progress: 0-100, error: {code, message} | null}
+    GET  {base}/videos/{id}/content    the MP4
+
+The result is downloaded into our media directory (provider URLs expire) and a preview is cut from
+it locally. Provider states map onto ours: queued -> planning, in_progress -> rendering (its
+progress scaled into 5..85), completed -> finalizing while we download and check the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from generation.backends._video import probe, write_preview
+from generation.backends.base import ProgressCallback, RenderResult
+from generation.errors import BackendError, InvalidInput, UpstreamError
+from generation.models import ErrorCode, GenerationRequest, Stage
+
+__all__ = ["UpstreamBackend", "UpstreamSettings"]
+
+VIDEO_NAME = "video.mp4"
+PREVIEW_NAME = "preview.jpg"
+DESCRIPTION_NAME = "description.txt"
+
+_STATUSES = frozenset({"queued", "in_progress", "completed", "failed"})
+_TRANSIENT = frozenset({408, 425, 429, 500, 502, 503, 504})
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str
+    api_key: str = field(repr=False)
+    # Our model id -> the provider's model id.
+    models: Mapping[str, str] = field(default_factory=lambda: {"sora-2": "sora-2"})
+    size: str = "1280x720"
+    allowed_seconds: tuple[int, ...] | None = None
+    poll_initial: float = 1.0
+    poll_max: float = 10.0
+    poll_factor: float = 1.5
+    timeout: float = 900.0
+    request_timeout: float = 30.0
+    max_poll_errors: int = 5
+    max_video_bytes: int = 512 * 1024 * 1024
+
+
+class UpstreamBackend:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        client: httpx.AsyncClient | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._settings = settings
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=settings.request_timeout)
+        self._sleep = sleep
+        self._base = settings.base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {settings.api_key}"}
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()
+
+    def models(self) -> Sequence[str]:
+        return list(self._settings.models)
+
+    async def render(
+        self, request: GenerationRequest, out_dir: Path, progress: ProgressCallback
+    ) -> RenderResult:
+        provider_model = self._settings.models.get(request.model)
+        if provider_model is None:
+            raise InvalidInput(f"unknown model {request.model!r}")
+        allowed = self._settings.allowed_seconds
+        if allowed is not None and request.duration not in allowed:
+            raise InvalidInput(f"duration must be one of {', '.join(map(str, allowed))} seconds")
+        await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+        partial = out_dir / f".{VIDEO_NAME}.part"
+        video = out_dir / VIDEO_NAME
+        progress(Stage.PLANNING, 2)
+        try:
+            try:
+                async with asyncio.timeout(self._settings.timeout):
+                    video_id = await self._create(request, provider_model)
+                    progress(Stage.PLANNING, 5)
+                    await self._wait(video_id, progress)
+                    progress(Stage.FINALIZING, 88)
+                    await self._download(video_id, partial)
+            except TimeoutError as exc:
+                raise BackendError(
+                    "provider did not finish in time", code=ErrorCode.TIMEOUT
+                ) from exc
+            progress(Stage.FINALIZING, 92)
+            info = await asyncio.to_thread(probe, partial)
+            if info.codec != "h264" and info.codec != "hevc":
+                raise UpstreamError(f"provider returned {info.codec} video")
+            os.replace(partial, video)
+        finally:
+            partial.unlink(missing_ok=True)
+        preview = out_dir / PREVIEW_NAME
+        await asyncio.to_thread(write_preview, video, preview, at_seconds=info.duration / 2)
+        text = (
+            f"{' '.join(request.prompt.split())}. A {info.duration:g}-second"
+            f" {info.width}x{info.height} video generated by {provider_model}."
+        )
+        description = out_dir / DESCRIPTION_NAME
+        await asyncio.to_thread(description.write_text, text + "\n", encoding="utf-8")
+        progress(Stage.FINALIZING, 98)
+        return RenderResult(
+            video=video,
+            preview=preview,
+            description=description,
+            text=text,
+            template_name=provider_model,
+            width=info.width,
+            height=info.height,
+            duration=info.duration,
+        )
+
+    async def _create(self, request: GenerationRequest, provider_model: str) -> str:
+        fields = {
+            "model": provider_model,
+            "prompt": request.prompt,
+            "seconds": str(request.duration),
+            "size": self._settings.size,
+        }
+        kwargs: dict[str, Any]
+        if request.image is not None:
+            kwargs = {
+                "data": fields,
+                "files": {"input_reference": ("input", request.image, _sniff(request.image))},
+            }
+        else:
+            kwargs = {"json": fields}
+        delay = self._settings.poll_initial
+        for attempt in range(3):
+            try:
+                response = await self._client.post(
+                    f"{self._base}/videos", headers=self._auth, **kwargs
+                )
+            except httpx.ConnectError as exc:
+                # Nothing reached the provider, so retrying cannot create a second job.
+                if attempt == 2:
+                    raise UpstreamError("provider unreachable") from exc
+            else:
+                if response.status_code in (429, 503) and attempt < 2:
+                    pass  # refused before work started; safe to retry
+                elif response.status_code in (200, 201, 202):
+                    return _video_id(_json(response))
+                elif response.status_code in (400, 422):
+                    raise InvalidInput(f"provider refused the request: {_error_message(response)}")
+                elif response.status_code in (401, 403):
+                    raise UpstreamError("provider refused our credentials")
+                else:
+                    raise UpstreamError(f"provider answered {response.status_code} on create")
+            await self._sleep(delay)
+            delay = min(self._settings.poll_max, delay * self._settings.poll_factor)
+        raise UpstreamError("provider kept refusing the request")
+
+    async def _wait(self, video_id: str, progress: ProgressCallback) -> None:
+        delay = self._settings.poll_initial
+        errors = 0
+        while True:
+            body: Mapping[str, Any] | None = None
+            try:
+                response = await self._client.get(
+                    f"{self._base}/videos/{video_id}", headers=self._auth
+                )
+            except httpx.TransportError:
+                errors += 1
+            else:
+                if response.status_code == 200:
+                    body = _json(response)
+                elif response.status_code in _TRANSIENT:
+                    errors += 1
+                else:
+                    raise UpstreamError(f"provider answered {response.status_code} on status")
+            if errors > self._settings.max_poll_errors:
+                raise UpstreamError("provider status kept failing")
+            if body is not None:
+                errors = 0
+                status = body.get("status")
+                if status not in _STATUSES:
+                    raise UpstreamError(f"provider reported unknown status {status!r}")
+                if status == "completed":
+                    return
+                if status == "failed":
+                    raise BackendError(f"provider failed: {_provider_error(body)}")
+                if status == "queued":
+                    progress(Stage.PLANNING, 5)
+                else:
+                    progress(Stage.RENDERING, 5 + (80 * _percent(body.get("progress"))) // 100)
+            await self._sleep(delay)
+            delay = min(self._settings.poll_max, delay * self._settings.poll_factor)
+
+    async def _download(self, video_id: str, path: Path) -> None:
+        limit = self._settings.max_video_bytes
+        try:
+            async with self._client.stream(
+                "GET", f"{self._base}/videos/{video_id}/content", headers=self._auth
+            ) as response:
+                if response.status_code != 200:
+                    raise UpstreamError(f"provider answered {response.status_code} on content")
+                written = 0
+                with path.open("wb") as out:
+                    async for chunk in response.aiter_bytes(1 << 16):
+                        written += len(chunk)
+                        if written > limit:
+                            raise UpstreamError(f"provider video exceeds {limit} bytes")
+                        out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise UpstreamError("provider video download failed") from exc
+
+
+def _json(response: httpx.Response) -> Mapping[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise UpstreamError("provider sent invalid JSON") from exc
+    if not isinstance(body, dict):
+        raise UpstreamError("provider sent an unexpected JSON shape")
+    return body
+
+
+def _video_id(body: Mapping[str, Any]) -> str:
+    video_id = body.get("id")
+    if not isinstance(video_id, str) or not video_id or "/" in video_id:
+        raise UpstreamError("provider sent no usable video id")
+    return video_id
+
+
+def _percent(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(0, min(100, int(value)))
+
+
+def _provider_error(body: Mapping[str, Any]) -> str:
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return str(message)[:200] if message else "no reason given"
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}"
+    return _provider_error(body) if isinstance(body, dict) else f"HTTP {response.status_code}"
+
+
+def _sniff(image: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            return _MIME.get(img.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidInput("image could not be decoded") from exc
