@@ -6,8 +6,9 @@ side effect; anything else raises ``IllegalTransition``)::
     reserved --> submitted(tx) --> settled --(link_task)--> settled + task
         |            |   ^  |         |
         |            +---+  |         +--> refund_submitted(refund_tx) --> refunded
-        |      (re-signed)  |                  ^        |
-        +-------------------+--> failed(reason)+--------+ (re-sent refund)
+        |      (re-signed)  |         ^            |  ^   |
+        +-------------------+-->      +------------+  +---+ (re-sent refund)
+                         failed(reason)  (refund never broadcast: abandon_refund)
 
 ``reserved`` and ``submitted`` rows may also be *released* (deleted) when the caller knows the
 transaction was never broadcast, so the payer can retry the same authorization.
@@ -156,7 +157,10 @@ class Ledger(Protocol):
     async def mark_failed(self, payment_id: str, reason: str) -> PaymentRecord: ...
     async def release(self, payment_id: str) -> None: ...
     async def link_task(self, payment_id: str, task_id: str) -> PaymentRecord: ...
-    async def mark_refund_submitted(self, payment_id: str, tx_hash: str) -> PaymentRecord: ...
+    async def mark_refund_submitted(
+        self, payment_id: str, tx_hash: str, *, resend: bool = False
+    ) -> PaymentRecord: ...
+    async def abandon_refund(self, payment_id: str) -> PaymentRecord: ...
     async def mark_refunded(self, payment_id: str) -> PaymentRecord: ...
     async def pending(self, limit: int = 1000) -> list[PaymentRecord]: ...
     async def totals(
@@ -456,13 +460,27 @@ class SqliteLedger:
             also=" AND task_id IS NULL",
         )
 
-    async def mark_refund_submitted(self, payment_id: str, tx_hash: str) -> PaymentRecord:
+    async def mark_refund_submitted(
+        self, payment_id: str, tx_hash: str, *, resend: bool = False
+    ) -> PaymentRecord:
+        """Record the refund tx BEFORE broadcasting it. Only a settled row can start a refund
+        (so two refunders cannot both send); ``resend`` replaces the tx of a refund in flight."""
         return await self._transition(
             payment_id,
-            "submit a refund",
-            (_S.SETTLED, _S.REFUND_SUBMITTED),
+            "re-submit a refund" if resend else "submit a refund",
+            (_S.REFUND_SUBMITTED,) if resend else (_S.SETTLED,),
             "state = ?, refund_tx = ?",
             (_S.REFUND_SUBMITTED.value, tx_hash),
+        )
+
+    async def abandon_refund(self, payment_id: str) -> PaymentRecord:
+        """Back to ``settled``: for a caller that KNOWS the refund tx was never broadcast."""
+        return await self._transition(
+            payment_id,
+            "abandon the refund",
+            (_S.REFUND_SUBMITTED,),
+            "state = ?, refund_tx = NULL",
+            (_S.SETTLED.value,),
         )
 
     async def mark_refunded(self, payment_id: str) -> PaymentRecord:

@@ -91,6 +91,13 @@ async def test_happy_path_and_refund_transitions(ledger: SqliteLedger) -> None:
         await ledger.link_task(row.id, "task-2")  # one payment buys one task
     row = await ledger.mark_refund_submitted(row.id, TX_A)
     assert row.state is PaymentState.REFUND_SUBMITTED and row.refund_tx == TX_A
+    with pytest.raises(IllegalTransition):  # a second refunder cannot start another refund
+        await ledger.mark_refund_submitted(row.id, TX_B)
+    row = await ledger.abandon_refund(row.id)  # the node refused it: back to settled
+    assert row.state is PaymentState.SETTLED and row.refund_tx is None
+    row = await ledger.mark_refund_submitted(row.id, TX_A)
+    row = await ledger.mark_refund_submitted(row.id, TX_B, resend=True)
+    assert row.refund_tx == TX_B
     row = await ledger.mark_refunded(row.id)
     assert row.state is PaymentState.REFUNDED
     assert (await ledger.mark_refunded(row.id)).state is PaymentState.REFUNDED
