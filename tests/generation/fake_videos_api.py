@@ -10,6 +10,8 @@ requested `size`. A prompt containing `[fail]` makes the job fail the way a prov
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import re
 import time
 import uuid
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -93,12 +94,10 @@ class FakeVideosAPI:
         if not self._authorized(request):
             return self._error(401, "Incorrect API key provided", "invalid_request_error")
         image: bytes | None = None
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
-            upload = form.get("input_reference")
-            if isinstance(upload, UploadFile):
-                image = await upload.read()
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            fields, files = _parse_multipart(content_type, await request.body())
+            image = files.get("input_reference")
         else:
             fields = await request.json()
         size = str(fields.get("size", "1280x720"))
@@ -167,3 +166,22 @@ class FakeVideosAPI:
             return self._error(404, "video content not ready", "invalid_request_error")
         self.content_downloads += 1
         return FileResponse(job.path, media_type="video/mp4")
+
+
+def _parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """multipart/form-data via the stdlib MIME parser (python-multipart is not a dependency)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(payload, bytes):
+            continue
+        if part.get_filename() is not None:
+            files[name] = payload
+        else:
+            fields[name] = payload.decode()
+    return fields, files
