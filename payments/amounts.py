@@ -40,10 +40,23 @@ def parse_usdc(value: str | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
         raise InvalidAmount(f"amount must be a str or Decimal, got {type(value).__name__}")
     if number.is_signed() and number != 0:
         raise InvalidAmount(f"amount must not be negative, got {value!r}")
-    scaled = number.scaleb(decimals)
-    if scaled != scaled.to_integral_value():
-        raise InvalidAmount(f"amount {value!r} has more than {decimals} decimal places")
-    units = int(scaled)
+    # Integer arithmetic on (digits, exponent): Decimal's default 28-digit context would round.
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    coefficient = int("".join(map(str, digits)) or "0")
+    shift = exponent + decimals
+    if coefficient == 0:
+        return 0
+    if shift >= 0:
+        if len(digits) + shift > 79:  # > 10**78 > UINT256_MAX
+            raise InvalidAmount(f"amount {value!r} does not fit in uint256")
+        units = coefficient * 10**shift
+    else:
+        if -shift > len(digits):  # coefficient < 10**-shift: a non-zero fraction remains
+            raise InvalidAmount(f"amount {value!r} has more than {decimals} decimal places")
+        units, remainder = divmod(coefficient, 10**-shift)
+        if remainder:
+            raise InvalidAmount(f"amount {value!r} has more than {decimals} decimal places")
     if units > UINT256_MAX:
         raise InvalidAmount(f"amount {value!r} does not fit in uint256")
     return units

@@ -44,8 +44,9 @@ def _frozen_copy(value: Any) -> Any:
 class Discovery:
     """How to call the paid resource (request body schema/example) and what it returns.
 
-    Equality and hash are by content, so a `Requirement` holding one stays hashable (the
-    challenge cache is keyed by requirements). Treat the mappings as immutable.
+    The mappings are deep-copied on construction (a caller mutating its dicts later cannot
+    change a published quote). Equality and hash are by content, so a `Requirement` holding
+    one stays hashable (the challenge cache is keyed by requirements).
     """
 
     input_schema: Mapping[str, Any]
@@ -61,6 +62,8 @@ class Discovery:
             raise ValueError(f"unsupported HTTP method {self.method!r}")
         if self.body_type not in _BODY_TYPES:
             raise ValueError(f"body_type must be one of {_BODY_TYPES}")
+        for name in ("input_schema", "input_example", "output_schema", "output_example"):
+            object.__setattr__(self, name, _frozen_copy(getattr(self, name)))
         key = json.dumps(
             [
                 self.method,
