@@ -100,7 +100,7 @@ class Target:
     url: httpx.URL
     host: str
     port: int
-    address: IPAddress
+    addresses: tuple[IPAddress, ...]
 
 
 async def resolve_target(url: str | httpx.URL, policy: AddressPolicy) -> Target:
@@ -120,7 +120,7 @@ async def resolve_target(url: str | httpx.URL, policy: AddressPolicy) -> Target:
     addresses = await _resolve(host, port)
     for address in addresses:
         policy.check(address, port)
-    return Target(url=parsed, host=host, port=port, address=addresses[0])
+    return Target(url=parsed, host=host, port=port, addresses=tuple(addresses))
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:
@@ -158,10 +158,20 @@ async def send_pinned(
     stream: bool = False,
 ) -> httpx.Response:
     """Send to the checked address; Host and SNI keep the original name. No redirects."""
-    pinned = target.url.copy_with(host=str(target.address))
     all_headers = {"Host": target.url.netloc.decode("ascii"), **(headers or {})}
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-    request = client.build_request(
-        method, pinned, headers=all_headers, content=content, extensions=extensions
-    )
-    return await client.send(request, stream=stream, follow_redirects=False)
+    # Every address was checked; try them in order (e.g. ::1 then 127.0.0.1) until one connects.
+    for index, address in enumerate(target.addresses):
+        request = client.build_request(
+            method,
+            target.url.copy_with(host=str(address)),
+            headers=all_headers,
+            content=content,
+            extensions=extensions,
+        )
+        try:
+            return await client.send(request, stream=stream, follow_redirects=False)
+        except httpx.ConnectError:
+            if index == len(target.addresses) - 1:
+                raise
+    raise AssertionError("resolve_target never returns a target without addresses")

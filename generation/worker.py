@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from generation.backends.base import Backend, RenderResult
@@ -148,7 +148,7 @@ class WorkerPool:
             queued += 1
         return queued
 
-    async def subscribe(self, task_id: str) -> AsyncIterator[Task]:
+    async def subscribe(self, task_id: str) -> AsyncGenerator[Task, None]:
         """Snapshots of one task, each time its state, stage or progress changes, until terminal.
 
         Starts with the stored snapshot (TaskNotFound if there is none). Slow consumers skip

@@ -1,4 +1,4 @@
-"""Helpers for the generation tests: real uvicorn servers on loopback, small render settings, images."""
+"""Generation test helpers: real uvicorn servers on loopback, small render settings, images."""
 
 from __future__ import annotations
 

@@ -79,6 +79,7 @@ async def test_render_maps_progress_and_rehosts_the_video(
     assert job.path is not None and result.video.read_bytes() == job.path.read_bytes()
     with av.open(str(result.video)) as box:
         assert box.streams.video[0].codec_context.name == "h264"
+        assert box.duration is not None
         assert float(box.duration) / 1e6 == pytest.approx(2.0, abs=1 / 24)
     assert (result.width, result.height, result.template_name) == (320, 180, "sora-2")
     with Image.open(result.preview) as preview:
@@ -176,7 +177,9 @@ async def test_router_sends_each_model_to_its_backend(
         assert len(api.jobs) == 1
         with pytest.raises(InvalidInput):
             await router.render(
-                GenerationRequest(prompt="x", model="nobody", duration=1), tmp_path, lambda s, v: None
+                GenerationRequest(prompt="x", model="nobody", duration=1),
+                tmp_path,
+                lambda s, v: None,
             )
     with pytest.raises(ValueError):
         ModelRouter([LocalBackend(), LocalBackend()])

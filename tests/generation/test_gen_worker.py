@@ -1,4 +1,4 @@
-"""WorkerPool with the real renderer and a real SQLite file: progress, outcomes, timeouts, restarts."""
+"""WorkerPool with the real renderer and a real SQLite file: progress, outcomes, restarts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import av
 import pytest
-from gen_support import SMALL
 
 from generation.backends.local import LocalBackend, LocalSettings
 from generation.errors import TaskNotFound
@@ -18,9 +17,9 @@ from generation.store import SqliteTaskStore
 from generation.worker import WorkerPool
 
 
-async def _collect(pool: WorkerPool, task_id: str, timeout: float = 30) -> list[Task]:
+async def _collect(pool: WorkerPool, task_id: str) -> list[Task]:
     seen: list[Task] = []
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(30):
         async with contextlib.aclosing(pool.subscribe(task_id)) as events:
             async for snapshot in events:
                 seen.append(snapshot)
@@ -71,6 +70,7 @@ async def test_task_completes_with_rising_progress_seen_by_subscriber(
     assert video is not None and media.resolve(done.result.image_path) is not None
     assert media.url(done.result.video_path) == f"http://127.0.0.1:9/media/{task.id}/video.mp4"
     with av.open(str(video)) as box:
+        assert box.duration is not None
         assert float(box.duration) / 1e6 == pytest.approx(3.0, abs=1 / 24)
     assert [t.id for t in outcomes.tasks] == [task.id] and sync_seen == [task.id]
     assert outcomes.tasks[0].state is TaskState.COMPLETED
