@@ -178,9 +178,11 @@ def test_sdk_reads_our_settlement_header() -> None:
     header = encode_b64_json(ours)
     sdk = _sdk_client()
     for name in ("PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE"):
-        settled = sdk.get_payment_settle_response(
-            lambda n, name=name: header if n == name else None
-        )
+
+        def get_header(wanted: str, name: str = name) -> str | None:
+            return header if wanted == name else None
+
+        settled = sdk.get_payment_settle_response(get_header)
         assert settled.success is True
         assert settled.transaction == ours.transaction
         assert settled.network == "eip155:8453"
