@@ -1,0 +1,584 @@
+"""PaymentProcessor: the one facade the gateway calls to turn a payment header into money.
+
+``pay()`` runs, in order: decode -> match -> ``verify_offline`` -> (EIP-1271 when the ECDSA
+signer is not ``from`` and ``from`` has code) -> ``eth_call`` simulation -> reserve in the ledger
+-> sign + record the tx hash -> broadcast -> receipt + Transfer-log check -> settled.
+
+RPC round trips per paid request (EOA payer, warm caches): 1 ``eth_call`` (simulation) + 1
+``eth_sendRawTransaction`` + the receipt polls (1 on an instamining Anvil, usually 1-3 on Base).
+No balance/nonce/gas-price reads per request (the simulation covers balance, authorization nonce
+and validity; the settler caches nonce and fees). A contract wallet adds ``eth_getCode`` +
+``isValidSignature``. Ledger: 3 durable writes (reserve, submitted, settled), 0 reads.
+
+Idempotency: the ledger's unique key ``(chain_id, asset, payer, nonce)`` decides who settles.
+In this process, concurrent requests carrying the same authorization share one settlement task
+(keyed by that tuple, registered before the first await); later ones find the ledger row. Either
+way a replay gets the first outcome (same payment id and tx, ``replay=True``; or the same
+failure reason) and nothing is sent twice. A replay needs a valid signature: seeing a payment on
+chain is not enough to fetch its outcome.
+
+Failure policy (the reservation is released ONLY when provably nothing was broadcast):
+- payment faults -> ``InvalidPayment`` (402), nothing reserved;
+- RPC/DB faults before the broadcast, or a send the node refused -> reservation released,
+  ``InfrastructureError`` (503); the payer may retry with the same header;
+- transport failure during the broadcast, receipt timeout -> the row stays ``submitted``,
+  ``InfrastructureError``; a retry of the same header, or ``reconcile()``, resolves it from the
+  receipt, the node's mempool or the token's ``authorizationState``;
+- reverted / wrong Transfer -> row ``failed(reason)``, ``SettlementFailed``.
+
+The settlement itself runs in a task shielded from the request: a client that disconnects
+mid-settlement cannot leave the ledger half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from payments import reasons
+from payments.chain import Chain
+from payments.eip3009 import Authorization, normalize_address, recover_signer
+from payments.errors import InfrastructureError, InvalidPayment, SettlementFailed
+from payments.ledger import (
+    IllegalTransition,
+    Ledger,
+    LedgerError,
+    NewPayment,
+    PaymentRecord,
+    PaymentState,
+)
+from payments.networks import Network
+from payments.requirements import Requirement
+from payments.settler import SendRejected, SendUncertain, Settler
+from payments.verify import DEFAULT_SETTLE_MARGIN_S, Payment, match_requirement, verify_offline
+from payments.wire import SettleResponse, decode_payment_header
+
+__all__ = ["PaymentProcessor", "ReconcileReport", "Settled", "Verified"]
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[int, str, str, bytes]
+
+# Verify failures that may just mean "this authorization was already spent here": look for a
+# replay before answering 402. A simulation revert comes after the signature was verified; a
+# clock failure stops the offline checks before the signature, so it is checked on its own.
+_REPLAY_SIM_REASONS: Final = frozenset(
+    {reasons.NONCE_ALREADY_USED, reasons.INSUFFICIENT_BALANCE, reasons.SIMULATION_FAILED}
+)
+_REPLAY_TIME_REASONS: Final = frozenset(
+    {reasons.VALID_BEFORE_EXPIRED, reasons.VALID_AFTER_IN_FUTURE}
+)
+_SETTLED_STATES: Final = frozenset(
+    {PaymentState.SETTLED, PaymentState.REFUND_SUBMITTED, PaymentState.REFUNDED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A payment that passed every check, including the on-chain simulation."""
+
+    payment: Payment
+    contract_wallet: bool
+
+    @property
+    def payer(self) -> str:
+        return self.payment.payer
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The outcome of a paid request. ``version``/``network`` are those of THIS request (a v1
+    replay of a v2 payment answers in v1)."""
+
+    payment_id: str
+    payer: str
+    amount: int
+    tx_hash: str
+    network: Network
+    version: int
+    replay: bool
+    task_id: str | None
+    state: PaymentState = PaymentState.SETTLED
+
+    def settle_response(self) -> SettleResponse:
+        """Body of PAYMENT-RESPONSE (v2) / X-PAYMENT-RESPONSE (v1)."""
+        return SettleResponse(
+            success=True,
+            transaction=self.tx_hash,
+            network=self.network.caip2 if self.version == 2 else self.network.name,
+            payer=self.payer,
+        )
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    settled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    refunded: list[str] = field(default_factory=list)
+    needs_task: list[str] = field(default_factory=list)  # settled, no task: run it or refund
+    unresolved: list[str] = field(default_factory=list)  # still pending on chain; retry later
+
+
+def _key(auth: Authorization, chain_id: int, asset: str) -> _Key:
+    return (chain_id, asset, auth.from_, auth.nonce)
+
+
+class PaymentProcessor:
+    def __init__(
+        self,
+        chain: Chain,
+        settler: Settler,
+        ledger: Ledger,
+        clock: Callable[[], float] = time.time,
+        *,
+        settle_margin_s: int = DEFAULT_SETTLE_MARGIN_S,
+        log_lookback_blocks: int = 50_000,
+    ) -> None:
+        self._chain = chain
+        self._settler = settler
+        self._ledger = ledger
+        self._clock = clock
+        self._settle_margin_s = settle_margin_s
+        self._lookback = log_lookback_blocks
+        self._inflight: dict[_Key, asyncio.Task[Settled]] = {}
+        self._refund_locks: dict[str, asyncio.Lock] = {}
+        self._chain_id: int | None = None
+
+    async def start(self) -> None:
+        """Warm caches (chain id, settler nonce and fees). Call from the app's lifespan."""
+        self._chain_id = await self._chain.chain_id()
+        await self._settler.start()
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Let in-flight settlements finish (graceful shutdown)."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # -- verify ----------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        header_value: str,
+        offered: Sequence[Requirement],
+        *,
+        version_hint: Literal[1, 2] | None = None,
+    ) -> Payment:
+        """Decode and bind to an offered requirement (pure; InvalidPayment on any mismatch)."""
+        payment = match_requirement(
+            decode_payment_header(header_value, version=version_hint), offered
+        )
+        req = payment.requirement
+        if req.asset != self._chain.token:
+            raise InvalidPayment(
+                reasons.ASSET_MISMATCH, f"this gateway settles {self._chain.token}"
+            )
+        return payment
+
+    async def _chain_id_checked(self, network: Network) -> int:
+        if self._chain_id is None:
+            self._chain_id = await self._chain.chain_id()
+        if network.chain_id != self._chain_id:
+            raise InvalidPayment(
+                reasons.INVALID_NETWORK, f"this gateway settles on chain {self._chain_id}"
+            )
+        return self._chain_id
+
+    async def _check_signature(self, payment: Payment, *, now: int) -> bool:
+        """Offline checks + EIP-1271 fallback. Returns True for a contract wallet."""
+        signer = verify_offline(payment, now=now, settle_margin_s=self._settle_margin_s)
+        if signer is not None:
+            return False
+        payer = payment.payer
+        if not await self._chain.code_at(payer):
+            raise InvalidPayment(reasons.INVALID_SIGNATURE, "signature is not from the payer")
+        if not await self._chain.is_valid_signature_1271(payer, payment.digest, payment.signature):
+            raise InvalidPayment(reasons.INVALID_SIGNATURE, "the payer's wallet (EIP-1271) refused")
+        return True
+
+    async def _signature_ok(self, payment: Payment) -> bool:
+        """Is the authorization really signed by ``from`` (ECDSA or EIP-1271)? No clock."""
+        if recover_signer(payment.digest, payment.signature) == payment.payer:
+            return True
+        if not await self._chain.code_at(payment.payer):
+            return False
+        return await self._chain.is_valid_signature_1271(
+            payment.payer, payment.digest, payment.signature
+        )
+
+    async def _replay_check(self, payment: Payment) -> None:
+        """What a replay must pass: every offline check, the clock excepted, and the signature."""
+        try:
+            await self._check_signature(payment, now=self._now())
+        except InvalidPayment as exc:
+            if exc.reason not in _REPLAY_TIME_REASONS:
+                raise
+            if not await self._signature_ok(payment):
+                raise InvalidPayment(
+                    reasons.INVALID_SIGNATURE, "signature is not from the payer"
+                ) from None
+
+    async def verify_payment(self, payment: Payment) -> Verified:
+        """Every check short of sending: offline, EIP-1271, one ``eth_call`` simulation."""
+        await self._chain_id_checked(payment.requirement.network)
+        contract_wallet = await self._check_signature(payment, now=self._now())
+        await self._chain.simulate_transfer(
+            payment.authorization,
+            payment.signature,
+            self._settler.address,
+            contract_wallet=contract_wallet,
+        )
+        return Verified(payment, contract_wallet)
+
+    async def verify(
+        self,
+        header_value: str,
+        offered: Sequence[Requirement],
+        *,
+        version_hint: Literal[1, 2] | None = None,
+    ) -> Verified:
+        return await self.verify_payment(
+            self.decode(header_value, offered, version_hint=version_hint)
+        )
+
+    # -- pay -------------------------------------------------------------------------------------
+
+    async def pay(
+        self,
+        header_value: str,
+        offered: Sequence[Requirement],
+        *,
+        version_hint: Literal[1, 2] | None = None,
+    ) -> Settled:
+        """Verify and settle the payment in ``header_value`` against the requirements offered
+        for THIS request. Raises InvalidPayment (402), InfrastructureError (503) or
+        SettlementFailed."""
+        payment = self.decode(header_value, offered, version_hint=version_hint)
+        return await self.settle_payment(payment)
+
+    async def settle_payment(self, payment: Payment) -> Settled:
+        chain_id = await self._chain_id_checked(payment.requirement.network)
+        key = _key(payment.authorization, chain_id, payment.requirement.asset)
+        running = self._inflight.get(key)
+        if running is not None:  # same authorization already settling here: share its outcome
+            await self._replay_check(payment)
+            return self._as_replay(await asyncio.shield(running), payment)
+        try:
+            verified = await self.verify_payment(payment)
+        except InvalidPayment as exc:
+            replay = await self._find_replay(payment, key, exc)
+            if replay is None:
+                raise
+            return replay
+        return await self._settle_once(verified, key)
+
+    async def _settle_once(self, verified: Verified, key: _Key) -> Settled:
+        running = self._inflight.get(key)
+        if running is not None:
+            return self._as_replay(await asyncio.shield(running), verified.payment)
+        task = asyncio.create_task(self._reserve_and_settle(verified, key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._task_done(key, t))
+        return await asyncio.shield(task)
+
+    def _task_done(self, key: _Key, task: asyncio.Task[Settled]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
+
+    @staticmethod
+    def _as_replay(result: Settled, payment: Payment) -> Settled:
+        return dataclasses.replace(
+            result,
+            replay=True,
+            version=payment.version,
+            network=payment.requirement.network,
+        )
+
+    async def _find_replay(
+        self, payment: Payment, key: _Key, exc: InvalidPayment
+    ) -> Settled | None:
+        """Is the failed check explained by an earlier use of this authorization HERE?"""
+        if exc.reason not in _REPLAY_SIM_REASONS | _REPLAY_TIME_REASONS:
+            return None
+        running = self._inflight.get(key)
+        row = None
+        if running is None:
+            row = await self._ledger.get_by_key(*key)
+            if row is None:
+                return None
+        if exc.reason in _REPLAY_TIME_REASONS and not await self._signature_ok(payment):
+            return None
+        if running is not None:
+            return self._as_replay(await asyncio.shield(running), payment)
+        assert row is not None
+        return await self._outcome(row, payment)
+
+    async def _reserve_and_settle(self, verified: Verified, key: _Key) -> Settled:
+        payment = verified.payment
+        auth = payment.authorization
+        req = payment.requirement
+        row, created = await self._ledger.reserve(
+            NewPayment(
+                chain_id=key[0],
+                asset=req.asset,
+                payer=auth.from_,
+                nonce=auth.nonce,
+                amount=auth.value,
+                pay_to=auth.to,
+                network=req.network.caip2,
+                version=payment.version,
+                valid_before=auth.valid_before,
+            )
+        )
+        if not created:
+            return await self._outcome(row, payment)
+        payment_id = row.id
+
+        async def record(tx_hash: str) -> None:
+            await self._ledger.mark_submitted(payment_id, tx_hash)
+
+        try:
+            tx_hash = await self._settler.submit(
+                auth,
+                payment.signature,
+                contract_wallet=verified.contract_wallet,
+                before_send=record,
+            )
+        except SendUncertain:
+            log.warning("settlement send uncertain payment=%s payer=%s", payment_id, auth.from_)
+            raise
+        except (SendRejected, InfrastructureError, LedgerError) as exc:
+            # provably not broadcast (refused, or failed before the send): the payer may retry
+            await self._release_quietly(payment_id)
+            if isinstance(exc, InfrastructureError):
+                raise
+            raise InfrastructureError(f"could not submit the settlement: {exc}") from exc
+        log.info(
+            "settlement submitted payment=%s payer=%s amount=%d tx=%s",
+            payment_id,
+            auth.from_,
+            auth.value,
+            tx_hash,
+        )
+        try:
+            await self._settler.confirm(
+                tx_hash, payer=auth.from_, pay_to=auth.to, amount=auth.value
+            )
+        except SettlementFailed as exc:
+            row = await self._after_failed_tx(await self._ledger.get(payment_id), exc.reason)
+            if row.state is not PaymentState.SETTLED:
+                log.warning("settlement failed payment=%s reason=%s", payment_id, exc.reason)
+                raise
+        else:
+            row = await self._ledger.mark_settled(payment_id)
+        log.info("settled payment=%s tx=%s", payment_id, row.tx_hash)
+        return self._settled(row, payment, replay=False)
+
+    async def _release_quietly(self, payment_id: str) -> None:
+        try:
+            await self._ledger.release(payment_id)
+        except (LedgerError, InfrastructureError) as exc:  # reconcile marks it failed later
+            log.warning("could not release reservation payment=%s: %s", payment_id, exc)
+
+    def _settled(self, row: PaymentRecord, payment: Payment, *, replay: bool) -> Settled:
+        assert row.tx_hash is not None
+        return Settled(
+            payment_id=row.id,
+            payer=row.payer,
+            amount=row.amount,
+            tx_hash=row.tx_hash,
+            network=payment.requirement.network,
+            version=payment.version,
+            replay=replay,
+            task_id=row.task_id,
+            state=row.state,
+        )
+
+    async def _outcome(self, row: PaymentRecord, payment: Payment) -> Settled:
+        """What a replay of ``row`` answers (no in-process settlement is running for it)."""
+        auth = payment.authorization
+        if row.amount != auth.value or normalize_address(row.pay_to) != auth.to:
+            raise InvalidPayment(
+                reasons.NONCE_ALREADY_USED, "this authorization nonce paid another payment"
+            )
+        if row.state is PaymentState.SUBMITTED:
+            row = await self._resolve_submitted(row)
+        if row.state in _SETTLED_STATES:
+            return self._settled(row, payment, replay=True)
+        if row.state is PaymentState.FAILED:
+            reason = row.reason or reasons.UNEXPECTED_SETTLE_ERROR
+            raise SettlementFailed(reason, "the first attempt with this authorization failed")
+        raise InfrastructureError("this authorization is still being settled; retry shortly")
+
+    # -- resolving uncertain rows ----------------------------------------------------------------
+
+    async def _used_by(self, row: PaymentRecord) -> str | None:
+        """The tx that consumed the authorization on chain, if any (None: unused/canceled)."""
+        if not await self._chain.authorization_state(row.payer, row.nonce):
+            return None
+        latest = await self._chain.block_number()
+        tx = await self._chain.authorization_used_tx(
+            row.payer, row.nonce, from_block=max(0, latest - self._lookback)
+        )
+        return tx or ""
+
+    async def _settle_from_chain(self, row: PaymentRecord, tx_hash: str) -> PaymentRecord | None:
+        receipt = await self._chain.get_receipt(tx_hash)
+        if receipt is None:
+            return None
+        try:
+            self._settler.check_transfer(receipt, row.payer, row.pay_to, row.amount)
+        except SettlementFailed:
+            return None
+        return await self._ledger.mark_settled(row.id, tx_hash)
+
+    async def _after_failed_tx(self, row: PaymentRecord, reason: str) -> PaymentRecord:
+        """Our tx reverted or moved the wrong thing. If the authorization was nevertheless used
+        (someone else submitted it first), the money moved: settled by THAT tx."""
+        used = await self._used_by(row)
+        if used:
+            settled = await self._settle_from_chain(row, used)
+            if settled is not None:
+                return settled
+        return await self._ledger.mark_failed(row.id, reason)
+
+    async def _resolve_submitted(self, row: PaymentRecord) -> PaymentRecord:
+        """Decide a ``submitted`` row from the chain; InfrastructureError if it cannot be yet."""
+        assert row.tx_hash is not None
+        receipt = await self._chain.get_receipt(row.tx_hash)
+        if receipt is not None:
+            try:
+                self._settler.check_transfer(receipt, row.payer, row.pay_to, row.amount)
+            except SettlementFailed as exc:
+                return await self._after_failed_tx(row, exc.reason)
+            return await self._ledger.mark_settled(row.id)
+        if await self._chain.transaction_known(row.tx_hash):
+            raise InfrastructureError(f"settlement {row.tx_hash} is still pending")
+        used = await self._used_by(row)
+        if used is not None:
+            settled = await self._settle_from_chain(row, used) if used else None
+            if settled is not None:
+                return settled
+            return await self._ledger.mark_failed(row.id, reasons.NONCE_ALREADY_USED)
+        if row.valid_before <= self._now():
+            # never mined, and the token will refuse it from now on: nothing can move any more
+            return await self._ledger.mark_failed(row.id, reasons.VALID_BEFORE_EXPIRED)
+        raise InfrastructureError(f"settlement {row.tx_hash} not found yet")
+
+    async def reconcile(self) -> ReconcileReport:
+        """Start-up pass over rows a crash may have left half-way (see module docstring)."""
+        report = ReconcileReport()
+        busy = set(self._inflight)
+        for row in await self._ledger.pending():
+            if (row.chain_id, row.asset, row.payer, row.nonce) in busy:
+                continue
+            try:
+                await self._reconcile_row(row, report)
+            except (InfrastructureError, LedgerError) as exc:
+                log.warning("reconcile left payment=%s unresolved: %s", row.id, exc)
+                report.unresolved.append(row.id)
+        return report
+
+    async def _reconcile_row(self, row: PaymentRecord, report: ReconcileReport) -> None:
+        if row.state is PaymentState.RESERVED:
+            # tx hashes are recorded before broadcasting, so no tx was sent for this row
+            # unless the authorization shows up as used on chain anyway
+            used = await self._used_by(row)
+            settled = await self._settle_from_chain(row, used) if used else None
+            if settled is not None:
+                report.settled.append(row.id)
+                report.needs_task.append(row.id)
+            else:
+                await self._ledger.mark_failed(row.id, reasons.UNEXPECTED_SETTLE_ERROR)
+                report.failed.append(row.id)
+        elif row.state is PaymentState.SUBMITTED:
+            row = await self._resolve_submitted(row)
+            if row.state is PaymentState.SETTLED:
+                report.settled.append(row.id)
+                report.needs_task.append(row.id)
+            else:
+                report.failed.append(row.id)
+        elif row.state is PaymentState.SETTLED:
+            report.needs_task.append(row.id)
+        elif row.state is PaymentState.REFUND_SUBMITTED:
+            await self.refund(row.id)
+            report.refunded.append(row.id)
+
+    # -- after settlement ------------------------------------------------------------------------
+
+    async def link_task(self, payment_id: str, task_id: str) -> PaymentRecord:
+        return await self._ledger.link_task(payment_id, task_id)
+
+    async def refund(self, payment_id: str) -> PaymentRecord:
+        """Send the payer's money back (settled -> refund_submitted -> refunded). Idempotent:
+        a refunded payment returns as is; a refund in flight is awaited, not sent again."""
+        lock = self._refund_locks.setdefault(payment_id, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._refund_locked(payment_id)
+        finally:
+            if not lock.locked() and self._refund_locks.get(payment_id) is lock:
+                del self._refund_locks[payment_id]
+
+    async def _refund_locked(self, payment_id: str) -> PaymentRecord:
+        row = await self._ledger.get(payment_id)
+        if row.state is PaymentState.REFUNDED:
+            return row
+        if row.state is PaymentState.REFUND_SUBMITTED:
+            assert row.refund_tx is not None
+            receipt = await self._chain.get_receipt(row.refund_tx)
+            if receipt is None:
+                if not await self._chain.transaction_known(row.refund_tx):
+                    raise InfrastructureError(f"refund {row.refund_tx} is not known to the node")
+                return await self._confirm_refund(row, row.refund_tx)
+            if receipt.succeeded:
+                return await self._confirm_refund(row, row.refund_tx)
+            return await self._send_refund(row, resend=True)  # reverted: nothing moved
+        if row.state is not PaymentState.SETTLED:
+            raise IllegalTransition(payment_id, row.state, "refund")
+        return await self._send_refund(row, resend=False)
+
+    async def _send_refund(self, row: PaymentRecord, *, resend: bool) -> PaymentRecord:
+        calls = 0
+
+        async def record(tx_hash: str) -> None:
+            nonlocal calls
+            await self._ledger.mark_refund_submitted(row.id, tx_hash, resend=resend or calls > 0)
+            calls += 1
+
+        try:
+            tx_hash = await self._settler.refund(row.payer, row.amount, before_send=record)
+        except SendUncertain:
+            raise
+        except (SendRejected, InfrastructureError):
+            if calls:  # recorded but provably not broadcast
+                try:
+                    await self._ledger.abandon_refund(row.id)
+                except (LedgerError, InfrastructureError) as exc:
+                    log.warning("could not abandon refund payment=%s: %s", row.id, exc)
+            raise
+        log.info(
+            "refund submitted payment=%s payer=%s amount=%d tx=%s",
+            row.id,
+            row.payer,
+            row.amount,
+            tx_hash,
+        )
+        return await self._confirm_refund(row, tx_hash)
+
+    async def _confirm_refund(self, row: PaymentRecord, tx_hash: str) -> PaymentRecord:
+        receipt = await self._settler.wait(tx_hash)
+        self._settler.check_transfer(receipt, self._settler.address, row.payer, row.amount)
+        done = await self._ledger.mark_refunded(row.id)
+        log.info("refunded payment=%s tx=%s", row.id, tx_hash)
+        return done
