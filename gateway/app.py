@@ -1,0 +1,147 @@
+"""`create_app(settings)`: the Starlette application and its lifespan.
+
+Middleware order (outermost first): CORS (so 402 and errors carry CORS headers too), then the
+x402 paywall, then the router. The lifespan owns every resource and reconciles payments and
+tasks before uvicorn accepts the first request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from eth_account import Account
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
+from gateway.middleware import PaymentMiddleware, PaymentService
+from gateway.pricing import PriceBook, load_price_book
+from gateway.quoting import CreateGenerationRoute
+from gateway.routes import create_generation, healthz, openapi, task_events, task_status
+from gateway.services import Services, open_services, resolve_network
+from gateway.settings import Settings
+from payments import InfrastructureError
+
+__all__ = ["create_app"]
+
+EXPOSED_HEADERS = ["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "Location"]
+ALLOWED_HEADERS = ["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Authorization"]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    prices: PriceBook | None = None,
+) -> Starlette:
+    price_book = prices or load_price_book(settings.pricing_file)
+    network = resolve_network(settings)
+    settler_key = settings.load_settler_key()
+    pay_to = settings.pay_to or Account.from_key(settler_key).address
+    holder: dict[str, Services] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with open_services(
+            settings, price_book, settler_key=settler_key, pay_to=pay_to, clock=clock
+        ) as services:
+            holder["services"] = services
+            try:
+                yield {"services": services}
+            finally:
+                holder.clear()
+
+    def services_of(scope: Scope) -> Services:
+        return holder["services"]
+
+    priced = CreateGenerationRoute(
+        price_book,
+        network=network,
+        asset=network.usdc,
+        pay_to=pay_to,
+        max_timeout_seconds=settings.max_timeout_seconds,
+        available=lambda price: holder["services"].model_available(price),
+    )
+
+    def payment_service(scope: Scope) -> PaymentService:
+        return services_of(scope).processor
+
+    async def refund_unaccepted(scope: Scope, paid: Any) -> None:
+        await services_of(scope).processor.refund(paid.settled.payment_id)
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPProblem)
+        return problem_response(exc)
+
+    async def on_infrastructure(request: Request, exc: Exception) -> Response:
+        return problem_response(ServiceUnavailable("storage or chain unavailable; retry later"))
+
+    routes = [
+        Route("/generation/create", create_generation, methods=["POST"]),
+        Route("/generation/{task_id}/status", task_status, methods=["GET"]),
+        Route("/generation/{task_id}/events", task_events, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Mount(
+            "/media",
+            app=StaticFiles(directory=settings.media_dir, check_dir=False),
+            name="media",
+        ),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=ALLOWED_HEADERS,
+            expose_headers=EXPOSED_HEADERS,
+        ),
+        Middleware(
+            PaymentMiddleware,
+            routes=[priced],
+            service=payment_service,
+            resource_url=_resource_url(settings),
+            max_body_bytes=settings.max_body_bytes,
+            max_header_bytes=settings.max_payment_header_bytes,
+            on_unaccepted=refund_unaccepted,
+        ),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPProblem: on_problem, InfrastructureError: on_infrastructure},
+    )
+
+
+def _resource_url(settings: Settings) -> Callable[[Scope], str]:
+    """The URL a payer sees for the resource: the configured public base, else the request's
+    own origin (from X-Forwarded-Proto/Host when the proxy is trusted)."""
+
+    def build(scope: Scope) -> str:
+        path: str = scope["path"]
+        if settings.public_base_url:
+            return settings.public_base_url + path
+        headers: dict[str, str] = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
+        scheme: str = scope.get("scheme", "http")
+        host = headers.get("host")
+        if settings.trust_forwarded_headers:
+            scheme = headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
+            host = headers.get("x-forwarded-host", host or "").split(",")[0].strip() or host
+        if not host:
+            server = scope.get("server") or ("localhost", 80)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scheme}://{host}{path}"
+
+    return build

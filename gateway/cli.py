@@ -1,0 +1,165 @@
+"""`x402-gateway` command line: `serve` (real networks) and `dev` (a local Anvil chain)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from gateway.app import create_app
+from gateway.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+DEV_USDC_PER_PAYER = 100_000_000  # 100 USDC
+DEV_ETH_PER_PAYER = 10**19
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("X402_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except (SettingsError, ValidationError) as exc:
+        print(f"x402-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-gateway", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the gateway on a real network (settings from env)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8402)
+    serve.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-*")
+    serve.set_defaults(func=_serve)
+
+    dev = sub.add_parser("dev", help="run a local Anvil chain with test USDC and the gateway")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8402)
+    dev.add_argument("--state-dir", type=Path, default=Path(".x402-dev"))
+    dev.add_argument("--anvil", default=None, help="anvil binary (else $ANVIL_BIN, npm copy, PATH)")
+    dev.add_argument("--payers", type=int, default=3, help="funded payer accounts to create")
+    dev.set_defaults(func=_dev)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings(trust_forwarded_headers=args.proxy_headers)
+    settings.load_settler_key()  # fail fast, before binding the port
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        proxy_headers=args.proxy_headers,
+        log_level="info",
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from payments.localchain import LocalChain
+
+    state_dir: Path = args.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    chain = LocalChain(anvil_path=args.anvil)
+    chain.start()
+    try:
+        settler_address, settler_key = chain.accounts[0]
+        payers = []
+        for address, key in chain.accounts[1 : 1 + args.payers]:
+            chain.fund(address, usdc=DEV_USDC_PER_PAYER, eth_wei=DEV_ETH_PER_PAYER)
+            payers.append({"address": address, "privateKey": key})
+        gateway_url = f"http://{args.host}:{args.port}"
+        settings = Settings(
+            mode="dev",
+            network="base",
+            rpc_url=chain.rpc_url,
+            settler_key=SecretStr(settler_key),
+            pay_to=settler_address,
+            database=state_dir / "gateway.db",
+            media_dir=state_dir / "media",
+            public_base_url=gateway_url,
+            allow_private_urls=True,
+        )
+        info = {
+            "gatewayUrl": gateway_url,
+            "rpcUrl": chain.rpc_url,
+            "chainId": chain.chain_id,
+            "network": "eip155:8453",
+            "asset": chain.usdc_address,
+            "payTo": settler_address,
+            "payers": payers,
+        }
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="info", access_log=False
+        )
+        server = uvicorn.Server(config)
+        asyncio.run(_serve_dev(server, info, state_dir / "dev.json"))
+        return 0 if server.started else 1
+    finally:
+        chain.stop()
+
+
+async def _serve_dev(server: uvicorn.Server, info: dict[str, object], path: Path) -> None:
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.05)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+        _print_dev_banner(info, path)
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        announcer.cancel()
+
+
+def _print_dev_banner(info: dict[str, object], path: Path) -> None:
+    payers = info["payers"]
+    assert isinstance(payers, list)
+    first = payers[0] if payers else {"privateKey": "<none>"}
+    lines = [
+        "",
+        "x402-gateway dev is running on a local chain (Anvil, chain id 8453, test USDC).",
+        f"  gateway  {info['gatewayUrl']}",
+        f"  rpc      {info['rpcUrl']}",
+        f"  asset    {info['asset']} (test USDC at the canonical Base address)",
+        f"  payTo    {info['payTo']}",
+        f"  state    {path}  (endpoints and funded payer keys, for scripts)",
+        "Funded payer keys (test only, 100 USDC each):",
+        *(f"  {p['address']}  {p['privateKey']}" for p in payers),
+        "Try it:",
+        f"  X402_PRIVATE_KEY={first['privateKey']} \\",
+        f"    .venv/bin/python examples/pay.py {info['gatewayUrl']}",
+        "Ctrl-C stops the gateway and the chain.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

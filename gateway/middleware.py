@@ -1,0 +1,221 @@
+"""`PaymentMiddleware`: pure ASGI x402 paywall for priced routes.
+
+For a priced route it reads the body once (bounded), has the route validate and quote it, and
+then either answers `402` with the challenge in both protocol versions, or verifies, reserves and
+settles the payment before passing the request on with the body replayed. The settlement header
+is added to the response by wrapping `send`; the response body is never buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.datastructures import Headers
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import HTTPProblem, PayloadTooLarge, ServiceUnavailable, problem_response
+from payments import (
+    InfrastructureError,
+    InvalidPayment,
+    Requirement,
+    build_payment_required,
+    encode_b64_json,
+)
+from payments.processor import Settled
+
+__all__ = ["PAID_STATE_KEY", "PaidRequest", "PaymentMiddleware", "PricedRoute", "Quote"]
+
+log = logging.getLogger("x402.gateway")
+
+PAID_STATE_KEY = "x402.paid"
+V2_HEADER = "payment-signature"
+V1_HEADER = "x-payment"
+
+
+@dataclass(frozen=True)
+class Quote:
+    amount: int
+    request: Any  # the validated body, handed to the route as is
+
+
+@dataclass(frozen=True)
+class PaidRequest:
+    quote: Quote
+    settled: Settled
+
+
+class PricedRoute(Protocol):
+    method: str
+    path: str
+    description: str
+    mime_type: str
+
+    def quote(self, body: bytes) -> Quote:
+        """Validate the body and price it; raise `BadRequest` for work that cannot be done."""
+        ...
+
+    def requirements(self, quote: Quote, resource_url: str) -> Sequence[Requirement]: ...
+
+
+class PaymentService(Protocol):
+    async def pay(self, header_value: str, offered: Sequence[Requirement]) -> Settled: ...
+
+    async def refund(self, payment_id: str) -> Any: ...
+
+
+ServiceLookup = Callable[[Scope], PaymentService]
+UrlBuilder = Callable[[Scope], str]
+
+
+class PaymentMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Sequence[PricedRoute],
+        service: ServiceLookup,
+        resource_url: UrlBuilder,
+        max_body_bytes: int,
+        max_header_bytes: int,
+        on_unaccepted: Callable[[Scope, PaidRequest], Awaitable[None]] | None = None,
+    ) -> None:
+        self.app = app
+        self.routes: Mapping[tuple[str, str], PricedRoute] = {(r.method, r.path): r for r in routes}
+        self.service = service
+        self.resource_url = resource_url
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
+        self.on_unaccepted = on_unaccepted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self.routes.get((scope["method"], scope["path"]))
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._handle(route, scope, receive, send)
+        except HTTPProblem as problem:
+            await problem_response(problem)(scope, receive, send)
+
+    async def _handle(self, route: PricedRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        body = await self._read_body(headers, receive)
+        if body is None:
+            return  # the client went away
+        quote = route.quote(body)
+        resource = self.resource_url(scope)
+        offered = route.requirements(quote, resource)
+
+        header_name, header_value = _payment_header(headers)
+        if header_value is None:
+            await self._challenge(offered, "payment required", scope, receive, send)
+            return
+        if len(header_value) > self.max_header_bytes:
+            await self._challenge(
+                offered, "invalid_payload: payment header too large", scope, receive, send
+            )
+            return
+        try:
+            settled = await self.service(scope).pay(header_value, offered)
+        except InvalidPayment as exc:
+            log.info("payment refused: %s (%s)", exc.reason, exc.detail)
+            await self._challenge(offered, exc.reason, scope, receive, send, detail=exc.detail)
+            return
+        except InfrastructureError as exc:
+            log.warning("payment infrastructure fault: %s", exc)
+            raise ServiceUnavailable(
+                "payment infrastructure unavailable; nothing was charged, retry later"
+            ) from exc
+
+        paid = PaidRequest(quote=quote, settled=settled)
+        scope.setdefault("state", {})[PAID_STATE_KEY] = paid
+        response_header = b"payment-response" if header_name == V2_HEADER else b"x-payment-response"
+        settle_value = encode_b64_json(settled.settle_response()).encode("ascii")
+        status_seen = 0
+
+        async def send_with_receipt(message: Message) -> None:
+            nonlocal status_seen
+            if message["type"] == "http.response.start":
+                status_seen = message["status"]
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), (response_header, settle_value)]
+            await send(message)
+
+        try:
+            await self.app(scope, _replay(body, receive), send_with_receipt)
+        finally:
+            if (status_seen == 0 or status_seen >= 500) and self.on_unaccepted is not None:
+                # Paid but not accepted: the hook refunds. Never keep money for no work.
+                await self.on_unaccepted(scope, paid)
+
+    async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body above {self.max_body_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(f"request body above {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _challenge(
+        self,
+        offered: Sequence[Requirement],
+        error: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        detail: str | None = None,
+    ) -> None:
+        challenge = build_payment_required(offered, error)
+        body = challenge.body
+        if detail:
+            body = _json_bytes({**challenge.body_json(), "detail": detail})
+        response = Response(
+            content=body,
+            status_code=402,
+            media_type="application/json",
+            headers={"payment-required": challenge.header, "cache-control": "no-store"},
+        )
+        await response(scope, receive, send)
+
+
+def _payment_header(headers: Headers) -> tuple[str, str | None]:
+    value = headers.get(V2_HEADER)
+    if value is not None:
+        return V2_HEADER, value
+    return V1_HEADER, headers.get(V1_HEADER)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")

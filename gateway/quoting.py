@@ -1,0 +1,176 @@
+"""The priced route `POST /generation/create`: validate the body, refuse what cannot be done,
+and quote it. Everything here runs before any payment is asked for."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.errors import BadRequest
+from gateway.middleware import Quote
+from gateway.pricing import ModelPrice, PriceBook
+from gateway.schemas import CreateGeneration, field_errors
+from payments import Discovery, Network, Requirement
+
+__all__ = ["OUTPUT_SCHEMA", "CreateGenerationRoute", "GenerationQuote", "input_schema"]
+
+_MAX_JSON_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class GenerationQuote:
+    body: CreateGeneration
+    price: ModelPrice
+
+    @property
+    def model(self) -> str:
+        return self.price.model
+
+
+OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "taskId": {"type": "string", "description": "poll GET /generation/{taskId}/status"}
+    },
+    "required": ["taskId"],
+}
+
+
+class CreateGenerationRoute:
+    method = "POST"
+    path = "/generation/create"
+    mime_type = "application/json"
+
+    def __init__(
+        self,
+        prices: PriceBook,
+        *,
+        network: Network,
+        asset: str,
+        pay_to: str,
+        max_timeout_seconds: int,
+        available: Callable[[ModelPrice], bool],
+        check_urls: Callable[[CreateGeneration], None] | None = None,
+    ) -> None:
+        self.prices = prices
+        self.network = network
+        self.asset = asset
+        self.pay_to = pay_to
+        self.max_timeout_seconds = max_timeout_seconds
+        self.available = available
+        self.check_urls = check_urls
+        self.description = "Generate a video from a prompt (optionally an image); answers a taskId"
+        self.input_schema = input_schema(prices)
+        self.discovery = Discovery(
+            input_schema=self.input_schema,
+            input_example={"prompt": "a lighthouse at dawn", "templateData": {"duration": 4}},
+            output_schema=OUTPUT_SCHEMA,
+            method=self.method,
+        )
+
+    def quote(self, body: bytes) -> Quote:
+        try:
+            raw = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise BadRequest("request body must be a JSON object", reason="invalid_json") from exc
+        if not isinstance(raw, dict):
+            raise BadRequest("request body must be a JSON object", reason="invalid_json")
+        if _depth(raw) > _MAX_JSON_DEPTH:
+            raise BadRequest("request body is nested too deeply", reason="invalid_json")
+        try:
+            request = CreateGeneration.model_validate(raw)
+        except ValidationError as exc:
+            raise BadRequest(
+                "invalid request body", errors=field_errors(exc.errors(include_input=False))
+            ) from exc
+
+        template = request.templateData
+        price = self.prices.get(template.videoModel)
+        if price is None:
+            raise BadRequest(
+                f"unknown model {template.videoModel!r}",
+                reason="unknown_model",
+                errors=[{"field": "templateData.videoModel", "message": _known(self.prices)}],
+            )
+        if not self.available(price):
+            raise BadRequest(
+                f"model {price.model!r} is not available on this gateway",
+                reason="model_unavailable",
+                errors=[{"field": "templateData.videoModel", "message": "not configured"}],
+            )
+        if not price.min_duration <= template.duration <= price.max_duration:
+            raise BadRequest(
+                f"duration must be {price.min_duration}..{price.max_duration} s for {price.model}",
+                reason="invalid_duration",
+                errors=[
+                    {
+                        "field": "templateData.duration",
+                        "message": f"between {price.min_duration} and {price.max_duration}",
+                    }
+                ],
+            )
+        if self.check_urls is not None:
+            self.check_urls(request)
+        amount = price.quote(template.duration, has_image=template.image is not None)
+        return Quote(amount=amount, request=GenerationQuote(body=request, price=price))
+
+    def requirements(self, quote: Quote, resource_url: str) -> Sequence[Requirement]:
+        gq: GenerationQuote = quote.request
+        return (
+            Requirement(
+                network=self.network,
+                amount=quote.amount,
+                asset=self.asset,
+                pay_to=self.pay_to,
+                max_timeout_seconds=self.max_timeout_seconds,
+                resource_url=resource_url,
+                description=f"{gq.price.description}; {gq.body.templateData.duration} s",
+                mime_type=self.mime_type,
+                discovery=self.discovery,
+            ),
+        )
+
+
+def _known(prices: PriceBook) -> str:
+    return "known models: " + ", ".join(sorted(prices.models))
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > _MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def input_schema(prices: PriceBook) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["prompt"],
+        "properties": {
+            "prompt": {"type": "string", "maxLength": 2000, "description": "what to generate"},
+            "templateData": {
+                "type": "object",
+                "properties": {
+                    "videoModel": {
+                        "type": "string",
+                        "enum": sorted(prices.models),
+                        "default": prices.default_model,
+                    },
+                    "duration": {"type": "integer", "minimum": 1, "description": "seconds"},
+                    "image": {"type": "string", "description": "http(s) or data: URL"},
+                    "autoEnhance": {"type": "boolean"},
+                    "templateName": {"type": "string"},
+                },
+                "additionalProperties": False,
+            },
+            "webhook": {"type": "string", "description": "Standard Webhooks endpoint"},
+        },
+        "additionalProperties": False,
+    }
