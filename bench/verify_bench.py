@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from eth_keys.backends.native import NativeECCBackend
+from eth_keys.backends.native.main import NativeECCBackend
 from eth_keys.datatypes import Signature
 from eth_keys.main import KeyAPI
 
