@@ -144,8 +144,14 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
 
 
 def guarded_client(timeout: float = 15.0) -> httpx.AsyncClient:
-    """A client fit for `send_pinned`: no environment proxies (they would bypass the pinning)."""
-    return httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False)
+    """A client fit for `send_pinned`: no environment proxies (they would bypass the pinning),
+    no kept-alive connections."""
+    return httpx.AsyncClient(
+        timeout=timeout,
+        trust_env=False,
+        follow_redirects=False,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
 
 
 async def send_pinned(
@@ -158,7 +164,13 @@ async def send_pinned(
     stream: bool = False,
 ) -> httpx.Response:
     """Send to the checked address; Host and SNI keep the original name. No redirects."""
-    all_headers = {"Host": target.url.netloc.decode("ascii"), **(headers or {})}
+    # Connections are keyed by the pinned IP, so a kept-alive one could carry a later request for
+    # another name on the same IP over TLS verified for the first: one connection per request.
+    all_headers = {
+        **(headers or {}),
+        "Host": target.url.netloc.decode("ascii"),
+        "Connection": "close",
+    }
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
     # Every address was checked; try them in order (e.g. ::1 then 127.0.0.1) until one connects.
     for index, address in enumerate(target.addresses):

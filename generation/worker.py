@@ -14,6 +14,7 @@ The store is the truth; the pool only moves tasks through it. Consequences worth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -224,8 +225,8 @@ class WorkerPool:
             return
         self._publish(task)
         sink = _ProgressSink(self._store, task_id, self._publish)
-        out_dir = self._media.task_dir(task_id)
         try:
+            out_dir = self._media.task_dir(task_id)
             async with asyncio.timeout(self._task_timeout):
                 rendered = await self._backend.render(task.request, out_dir, sink.report)
         except asyncio.CancelledError:
@@ -250,7 +251,8 @@ class WorkerPool:
     async def _fail(self, sink: _ProgressSink, task_id: str, code: ErrorCode, message: str) -> None:
         await sink.close()
         failed = await self._store.fail(task_id, code, message)
-        await asyncio.to_thread(self._media.remove, task_id)
+        with contextlib.suppress(ValueError, OSError):  # partial output only; prune catches strays
+            await asyncio.to_thread(self._media.remove, task_id)
         self._finish(failed)
 
     def _result(self, rendered: RenderResult) -> TaskResult:

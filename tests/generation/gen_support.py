@@ -7,6 +7,7 @@ import contextlib
 import io
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from PIL import Image
@@ -27,15 +28,18 @@ def png_bytes(
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp, *, ports: int = 1) -> AsyncIterator[list[int]]:
-    """Serve `app` on `ports` fresh loopback sockets; yields the port numbers."""
+async def serve(app: ASGIApp, *, ports: int = 1, **config: Any) -> AsyncIterator[list[int]]:
+    """Serve `app` on `ports` fresh loopback sockets; yields the port numbers.
+
+    Extra keyword arguments go to `uvicorn.Config` (e.g. `ssl_certfile`, `ssl_keyfile`).
+    """
     sockets = []
     for _ in range(ports):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         sockets.append(sock)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
     task = asyncio.create_task(server.serve(sockets=sockets))
     try:
         for _ in range(500):

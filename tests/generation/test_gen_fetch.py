@@ -8,11 +8,17 @@ second port of the same host, is still refused.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import ipaddress
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
 from gen_support import png_bytes, serve
 from PIL import Image
@@ -226,3 +232,35 @@ async def test_http_limits(server: tuple[ImageServer, int, int]) -> None:
         assert (await fetcher.fetch(base + "/img.png")).data == PNG
     finally:
         await fetcher.aclose()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a cert")
+async def test_https_keeps_the_name_for_sni_and_certificate_checks(tmp_path: Path) -> None:
+    """Connecting to the pinned IP must still verify the certificate against the URL's name."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext",
+         "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    srv = ImageServer()
+    async with serve(srv.app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as (port,):
+        client = httpx.AsyncClient(
+            verify=ssl.create_default_context(cafile=str(cert)), trust_env=False
+        )
+        policy = AddressPolicy(allowed_endpoints=frozenset({("127.0.0.1", port)}))
+        fetcher = ImageFetcher(policy=policy, client=client)
+        try:
+            got = await fetcher.fetch(f"https://localhost:{port}/img.png")
+            assert got.data == PNG and srv.hosts == [f"localhost:{port}"]
+            # Same server by IP: the certificate does not name 127.0.0.1, so TLS refuses it.
+            with pytest.raises(FetchError) as err:
+                await fetcher.fetch(f"https://127.0.0.1:{port}/img.png")
+            assert err.value.reason == "unreachable"
+            assert isinstance(err.value.__cause__, httpx.ConnectError)
+        finally:
+            await client.aclose()
