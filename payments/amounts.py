@@ -50,11 +50,12 @@ def parse_usdc(value: str | Decimal, *, decimals: int = USDC_DECIMALS) -> int:
     if shift >= 0:
         if len(digits) + shift > 79:  # > 10**78 > UINT256_MAX
             raise InvalidAmount(f"amount {value!r} does not fit in uint256")
-        units = coefficient * 10**shift
+        units: int = coefficient * pow(10, shift)
     else:
         if -shift > len(digits):  # coefficient < 10**-shift: a non-zero fraction remains
             raise InvalidAmount(f"amount {value!r} has more than {decimals} decimal places")
-        units, remainder = divmod(coefficient, 10**-shift)
+        scale: int = pow(10, -shift)
+        units, remainder = divmod(coefficient, scale)
         if remainder:
             raise InvalidAmount(f"amount {value!r} has more than {decimals} decimal places")
     if units > UINT256_MAX:
