@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,10 +114,20 @@ def _dev(args: argparse.Namespace) -> int:
             app, host=args.host, port=args.port, log_level="info", access_log=False
         )
         server = uvicorn.Server(config)
-        asyncio.run(_serve_dev(server, info, state_dir / "dev.json"))
+        # uvicorn re-raises the signal that stopped it; turn both into an exception so the
+        # chain is stopped below instead of being orphaned by a default SIGTERM death.
+        signal.signal(signal.SIGTERM, _stop_requested)
+        try:
+            asyncio.run(_serve_dev(server, info, state_dir / "dev.json"))
+        except KeyboardInterrupt:
+            pass
         return 0 if server.started else 1
     finally:
         chain.stop()
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 async def _serve_dev(server: uvicorn.Server, info: dict[str, object], path: Path) -> None:
