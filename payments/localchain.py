@@ -41,6 +41,7 @@ __all__ = [
     "LocalChain",
     "LocalChainError",
     "RpcError",
+    "TransactionReverted",
     "encode_call",
     "find_anvil",
     "load_artifact",
@@ -68,6 +69,16 @@ class RpcError(LocalChainError):
         self.code = code
         self.message = message
         self.data = data
+
+
+class TransactionReverted(LocalChainError):
+    """A harness transaction was mined with status 0; `reason` is its Error(string), if any."""
+
+    def __init__(self, tx_hash: str, reason: str | None, output: str | None) -> None:
+        super().__init__(f"transaction {tx_hash} reverted: {reason or 'no reason given'}")
+        self.tx_hash = tx_hash
+        self.reason = reason
+        self.output = output
 
 
 class DevAccount(NamedTuple):
@@ -433,8 +444,9 @@ class LocalChain:
         value: int = 0,
         timeout: float = 10.0,
     ) -> dict[str, Any]:
-        """Send from an unlocked dev account (harness account by default) and wait for the
-        receipt; raises LocalChainError if the transaction reverted."""
+        """Send from an unlocked (or impersonated) account, the harness account by default, and
+        wait for the receipt. Anvil mines a transaction even when gas estimation reverts, so a
+        revert surfaces as TransactionReverted (with the reason from a call trace)."""
         tx: dict[str, str] = {
             "from": sender or self.harness_account.address,
             "data": "0x" + data.hex(),
@@ -445,8 +457,21 @@ class LocalChain:
         tx_hash: str = self.rpc("eth_sendTransaction", [tx])
         receipt = self.wait_receipt(tx_hash, timeout=timeout)
         if int(receipt["status"], 16) != 1:
-            raise LocalChainError(f"transaction {tx_hash} reverted")
+            raise self._reverted(tx_hash)
         return receipt
+
+    def _reverted(self, tx_hash: str) -> TransactionReverted:
+        try:
+            trace = self.rpc("debug_traceTransaction", [tx_hash, {"tracer": "callTracer"}])
+        except RpcError:
+            return TransactionReverted(tx_hash, None, None)
+        reason = trace.get("revertReason")
+        output = trace.get("output")
+        return TransactionReverted(
+            tx_hash,
+            reason if isinstance(reason, str) else None,
+            output if isinstance(output, str) else None,
+        )
 
     def wait_receipt(self, tx_hash: str, *, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
