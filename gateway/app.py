@@ -70,6 +70,7 @@ def create_app(
         pay_to=pay_to,
         max_timeout_seconds=settings.max_timeout_seconds,
         available=lambda price: holder["services"].model_available(price),
+        inspect=lambda body: holder["services"].inspect_inputs(body),
     )
 
     def payment_service(scope: Scope) -> PaymentService:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -117,10 +118,8 @@ def _dev(args: argparse.Namespace) -> int:
         # uvicorn re-raises the signal that stopped it; turn both into an exception so the
         # chain is stopped below instead of being orphaned by a default SIGTERM death.
         signal.signal(signal.SIGTERM, _stop_requested)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve_dev(server, info, state_dir / "dev.json"))
-        except KeyboardInterrupt:
-            pass
         return 0 if server.started else 1
     finally:
         chain.stop()

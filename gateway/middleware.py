@@ -55,7 +55,7 @@ class PricedRoute(Protocol):
     description: str
     mime_type: str
 
-    def quote(self, body: bytes) -> Quote:
+    async def quote(self, body: bytes) -> Quote:
         """Validate the body and price it; raise `BadRequest` for work that cannot be done."""
         ...
 
@@ -110,7 +110,7 @@ class PaymentMiddleware:
         body = await self._read_body(headers, receive)
         if body is None:
             return  # the client went away
-        quote = route.quote(body)
+        quote = await route.quote(body)
         resource = self.resource_url(scope)
         offered = route.requirements(quote, resource)
 

@@ -4,7 +4,7 @@ and quote it. Everything here runs before any payment is asked for."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ _MAX_JSON_DEPTH = 16
 class GenerationQuote:
     body: CreateGeneration
     price: ModelPrice
+    image: bytes | None = None  # a data: URL image, decoded and checked before payment
 
     @property
     def model(self) -> str:
@@ -54,7 +55,7 @@ class CreateGenerationRoute:
         pay_to: str,
         max_timeout_seconds: int,
         available: Callable[[ModelPrice], bool],
-        check_urls: Callable[[CreateGeneration], None] | None = None,
+        inspect: Callable[[CreateGeneration], Awaitable[bytes | None]] | None = None,
     ) -> None:
         self.prices = prices
         self.network = network
@@ -62,7 +63,7 @@ class CreateGenerationRoute:
         self.pay_to = pay_to
         self.max_timeout_seconds = max_timeout_seconds
         self.available = available
-        self.check_urls = check_urls
+        self.inspect = inspect
         self.description = "Generate a video from a prompt (optionally an image); answers a taskId"
         self.input_schema = input_schema(prices)
         self.discovery = Discovery(
@@ -72,7 +73,7 @@ class CreateGenerationRoute:
             method=self.method,
         )
 
-    def quote(self, body: bytes) -> Quote:
+    async def quote(self, body: bytes) -> Quote:
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -113,10 +114,10 @@ class CreateGenerationRoute:
                     }
                 ],
             )
-        if self.check_urls is not None:
-            self.check_urls(request)
+        # Inputs that point elsewhere (image, webhook) are checked before asking for money.
+        image = await self.inspect(request) if self.inspect is not None else None
         amount = price.quote(template.duration, has_image=template.image is not None)
-        return Quote(amount=amount, request=GenerationQuote(body=request, price=price))
+        return Quote(amount=amount, request=GenerationQuote(body=request, price=price, image=image))
 
     def requirements(self, quote: Quote, resource_url: str) -> Sequence[Requirement]:
         gq: GenerationQuote = quote.request

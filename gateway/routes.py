@@ -45,8 +45,8 @@ async def create_generation(request: Request) -> Response:
     async with lock:
         task = await services.tasks.get(settled.payment_id)
         if task is None:
-            image: bytes | None = None
-            if body.templateData.image is not None:
+            image = quote.image
+            if image is None and body.templateData.image is not None:
                 try:
                     image = (await services.images.fetch(body.templateData.image)).data
                 except FetchError as exc:

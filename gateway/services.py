@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import BadRequest
 from gateway.pricing import ModelPrice, PriceBook
+from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
 from generation import (
     AddressPolicy,
     Backend,
+    FetchError,
     ImageFetcher,
     LocalBackend,
     LocalSettings,
@@ -39,6 +42,7 @@ from generation import (
     WorkerPool,
     event_type_for,
     guarded_client,
+    resolve_target,
 )
 from payments import Network, get_network
 from payments.chain import Chain
@@ -74,6 +78,29 @@ class Services:
 
     def model_available(self, price: ModelPrice) -> bool:
         return price.backend == LOCAL_MODEL_BACKEND or self.upstream_enabled
+
+    async def inspect_inputs(self, body: CreateGeneration) -> bytes | None:
+        """Refuse unusable image/webhook inputs before payment: a data: image is decoded and
+        checked in full (and kept); a URL must resolve to addresses the policy allows."""
+        image: bytes | None = None
+        problems: list[dict[str, str]] = []
+        source = body.templateData.image
+        if source is not None:
+            try:
+                if source[:5].lower() == "data:":
+                    image = (await self.images.fetch(source)).data
+                else:
+                    await resolve_target(source, self.policy)
+            except FetchError as exc:
+                problems.append({"field": "templateData.image", "message": exc.message})
+        if body.webhook is not None:
+            try:
+                await resolve_target(body.webhook, self.policy)
+            except FetchError as exc:
+                problems.append({"field": "webhook", "message": exc.message})
+        if problems:
+            raise BadRequest("unusable input URL", reason="invalid_input_url", errors=problems)
+        return image
 
     def webhook_secret(self, task_id: str) -> str:
         """Per-task Standard Webhooks secret, derived so it survives restarts without storage."""
