@@ -246,3 +246,61 @@ def test_healthz_and_openapi(gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/healthz?deep=1").json()["status"] == "ok"
     doc = httpx.get(f"{gateway.url}/openapi.json").json()
     assert "/generation/create" in doc["paths"]
+
+
+def _png_data_url(color: tuple[int, int, int]) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_inputs_are_checked_before_payment(gateway: Gateway) -> None:
+    url = f"{gateway.url}/generation/create"
+    plain = httpx.post(url, json={"prompt": "x", "templateData": {"duration": 2}})
+    with_image = httpx.post(
+        url,
+        json={"prompt": "x", "templateData": {"duration": 2, "image": _png_data_url((9, 9, 9))}},
+    )
+    assert with_image.status_code == 402
+    plain_amount = int(plain.json()["accepts"][0]["maxAmountRequired"])
+    image_amount = int(with_image.json()["accepts"][0]["maxAmountRequired"])
+    assert image_amount > plain_amount  # the image surcharge
+
+    bad = httpx.post(
+        url,
+        json={"prompt": "x", "templateData": {"image": "data:image/png;base64,bm90IGEgcG5n"}},
+    )
+    assert bad.status_code == 400
+    assert bad.json()["errors"][0]["field"] == "templateData.image"
+    unresolvable = httpx.post(
+        url, json={"prompt": "x", "webhook": "http://no-such-host.invalid/hook"}
+    )
+    assert unresolvable.status_code == 400
+    assert unresolvable.json()["errors"][0]["field"] == "webhook"
+
+
+async def test_paid_task_uses_the_data_url_image(
+    gateway: Gateway, make_payer: Any, tmp_path: Any
+) -> None:
+    import av
+
+    payer = make_payer()
+    body = {"prompt": "red", "templateData": {"duration": 1, "image": _png_data_url((250, 10, 10))}}
+    _, challenge = await quote_of(gateway, body)
+    header = v2_header(challenge.headers["payment-required"], payer.key)
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+        r = await http.post("/generation/create", json=body, headers={"PAYMENT-SIGNATURE": header})
+    assert r.status_code == 202, r.text
+    status = await wait_terminal(gateway, r.json()["taskId"])
+    assert status["status"] == "completed"
+    async with httpx.AsyncClient() as http:
+        video = (await http.get(status["result"]["generation"]["video"]["url"])).content
+    (tmp_path / "v.mp4").write_bytes(video)
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    red, green = first[..., 0].mean(), first[..., 1].mean()
+    assert red > 150 and green < 100, (red, green)  # the input image is the first frame
