@@ -85,8 +85,8 @@ async def processor(chain: Chain, settler: Settler, ledger: SqliteLedger) -> Pay
 
 
 def requirement(pay_to: str, amount: int = 250_000, **kw: Any) -> Requirement:
+    kw.setdefault("network", BASE)
     return Requirement(
-        network=BASE,
         amount=amount,
         pay_to=pay_to,
         resource_url="http://127.0.0.1/generate",

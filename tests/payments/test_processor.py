@@ -14,7 +14,11 @@ import pytest
 from aiohttp import web
 
 from payments import reasons
-from payments.chain import Chain
+from payments.chain import (
+    SEL_TRANSFER_WITH_AUTHORIZATION_BYTES,
+    SEL_TRANSFER_WITH_AUTHORIZATION_VRS,
+    Chain,
+)
 from payments.eip3009 import sign_authorization
 from payments.errors import InfrastructureError, InvalidPayment, SettlementFailed
 from payments.ledger import NewPayment, PaymentState, SqliteLedger
@@ -49,6 +53,9 @@ async def test_payment_is_verified_and_settled(
     assert (row.payer, row.nonce, row.amount) == (payer.address, auth.nonce, 250_000)
     receipt = await chain.get_receipt(settled.tx_hash)
     assert receipt is not None and receipt.succeeded
+    sent = await chain.rpc("eth_getTransactionByHash", [settled.tx_hash])
+    assert sent["input"].startswith("0x" + SEL_TRANSFER_WITH_AUTHORIZATION_VRS.hex())
+    assert sent["from"].lower() == settler.address.lower()
     response = settled.settle_response()
     assert (response.success, response.network, response.transaction) == (
         True,
@@ -402,3 +409,34 @@ async def test_refund_returns_the_money_once(
     assert (await ledger.totals()).net == 0
     replay = await processor.pay(header, [req])
     assert replay.replay and replay.state is PaymentState.REFUNDED
+
+
+async def test_eip1271_contract_wallet_pays_through_the_bytes_overload(
+    processor: PaymentProcessor,
+    chain: Chain,
+    settler: Settler,
+    ledger: SqliteLedger,
+    local_chain: Any,
+) -> None:
+    owner_address, owner_key = new_key()
+    wallet = local_chain.deploy("TestWallet", owner_address)
+    local_chain.fund(wallet, usdc=USDC)
+    req = requirement(settler.address, amount=75_000)
+    # the owner signs the EIP-712 digest of an authorization whose `from` is the wallet
+    header, _ = signed_header(Payer(wallet, owner_key), req)
+    verified = await processor.verify(header, [req])
+    assert verified.contract_wallet and verified.payer == wallet
+    settled = await processor.pay(header, [req])
+    assert settled.payer == wallet and not settled.replay
+    assert await chain.balance_of(wallet) == USDC - 75_000
+    assert (await ledger.get(settled.payment_id)).state is PaymentState.SETTLED
+    receipt = await chain.get_receipt(settled.tx_hash)
+    assert receipt is not None and receipt.succeeded
+    sent = await chain.rpc("eth_getTransactionByHash", [settled.tx_hash])
+    assert sent["input"].startswith("0x" + SEL_TRANSFER_WITH_AUTHORIZATION_BYTES.hex())
+    # a signature by anybody but the owner is refused by the wallet itself
+    _, auth2 = signed_header(Payer(wallet, owner_key), req)
+    stranger = header_for(auth2, sign_authorization(new_key()[1], req.domain, auth2), req)
+    with pytest.raises(InvalidPayment) as info:
+        await processor.pay(stranger, [req])
+    assert info.value.reason == reasons.INVALID_SIGNATURE
