@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--anvil", default=None, help="anvil binary (else $ANVIL_BIN, npm copy, PATH)")
     dev.add_argument("--payers", type=int, default=3, help="funded payer accounts to create")
     dev.set_defaults(func=_dev)
+
+    from gateway.payer_cli import add_commands
+
+    add_commands(sub)  # quote, generate, balance
     return parser
 
 
