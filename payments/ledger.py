@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiosqlite
 from eth_utils.address import to_checksum_address
@@ -523,3 +523,7 @@ class SqliteLedger:
             raise InfrastructureError(f"ledger read failed: {exc}") from exc
         assert row is not None
         return LedgerTotals(received=int(row[0]), refunded=int(row[1]))
+
+
+if TYPE_CHECKING:
+    _conforms: type[Ledger] = SqliteLedger

@@ -43,7 +43,7 @@ from typing import Final, Literal
 from payments import reasons
 from payments.chain import Chain
 from payments.eip3009 import Authorization, normalize_address, recover_signer
-from payments.errors import InfrastructureError, InvalidPayment, SettlementFailed
+from payments.errors import InfrastructureError, InvalidPayment, PaymentError, SettlementFailed
 from payments.ledger import (
     IllegalTransition,
     Ledger,
@@ -484,7 +484,7 @@ class PaymentProcessor:
                 continue
             try:
                 await self._reconcile_row(row, report)
-            except (InfrastructureError, LedgerError) as exc:
+            except (PaymentError, LedgerError) as exc:
                 log.warning("reconcile left payment=%s unresolved: %s", row.id, exc)
                 report.unresolved.append(row.id)
         return report
@@ -549,6 +549,12 @@ class PaymentProcessor:
         return await self._send_refund(row, resend=False)
 
     async def _send_refund(self, row: PaymentRecord, *, resend: bool) -> PaymentRecord:
+        # a refund the settler cannot cover would only burn gas on a revert
+        held = await self._chain.balance_of(self._settler.address)
+        if held < row.amount:
+            raise InfrastructureError(
+                f"settler {self._settler.address} holds {held}, cannot refund {row.amount}"
+            )
         calls = 0
 
         async def record(tx_hash: str) -> None:

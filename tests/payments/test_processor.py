@@ -251,10 +251,12 @@ class FlakyRpc:
         self.upstream = upstream
         self.refuse: set[str] = set()
         self.swallow: set[str] = set()
+        self.methods: list[str] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         method = (await request.json()).get("method")
+        self.methods.append(method)
         if method in self.refuse:
             return web.Response(status=503, text="unavailable")
         async with (
@@ -440,3 +442,52 @@ async def test_eip1271_contract_wallet_pays_through_the_bytes_overload(
     with pytest.raises(InvalidPayment) as info:
         await processor.pay(stranger, [req])
     assert info.value.reason == reasons.INVALID_SIGNATURE
+
+
+async def test_round_trips_per_paid_request(
+    flaky: tuple[FlakyRpc, str],
+    settler_key: str,
+    ledger: SqliteLedger,
+    make_payer: Callable[..., Payer],
+) -> None:
+    """Warm caches: one simulation, one broadcast, receipt polls. Nothing else per request."""
+    proxy, url = flaky
+    payers = [make_payer(usdc=USDC) for _ in range(5)]
+    async with Chain(url, BASE.usdc) as via_proxy:
+        settler = Settler(via_proxy, settler_key)
+        processor = PaymentProcessor(via_proxy, settler, ledger)
+        await processor.start()
+        req = requirement(settler.address, amount=1_000)
+        for payer in payers:
+            header, _ = signed_header(payer, req)
+            proxy.methods.clear()
+            await processor.pay(header, [req])
+            counts = {m: proxy.methods.count(m) for m in set(proxy.methods)}
+            polls = counts.pop("eth_getTransactionReceipt")
+            assert counts == {"eth_call": 1, "eth_sendRawTransaction": 1}, counts
+            assert 1 <= polls <= 3, polls
+
+
+async def test_refund_needs_usdc_on_the_settler_when_pay_to_is_elsewhere(
+    processor: PaymentProcessor,
+    chain: Chain,
+    settler: Settler,
+    ledger: SqliteLedger,
+    local_chain: Any,
+    make_payer: Callable[..., Payer],
+) -> None:
+    treasury, _ = new_key()  # payTo is not the settler: the money lands in another wallet
+    payer = make_payer(usdc=USDC)
+    req = requirement(treasury, amount=200_000)
+    header, _ = signed_header(payer, req)
+    settled = await processor.pay(header, [req])
+    assert await chain.balance_of(treasury) == 200_000
+    nonce_before = await chain.transaction_count(settler.address)
+    with pytest.raises(InfrastructureError):  # settler holds no USDC: nothing is sent
+        await processor.refund(settled.payment_id)
+    assert await chain.transaction_count(settler.address) == nonce_before
+    assert (await ledger.get(settled.payment_id)).state is PaymentState.SETTLED
+    local_chain.fund(settler.address, usdc=200_000)  # the operator tops the settler up
+    row = await processor.refund(settled.payment_id)
+    assert row.state is PaymentState.REFUNDED
+    assert await chain.balance_of(payer.address) == USDC
