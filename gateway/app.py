@@ -26,6 +26,7 @@ from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
 from gateway.middleware import PaymentMiddleware, PaymentService
 from gateway.pricing import PriceBook, load_price_book
 from gateway.quoting import CreateGenerationRoute
+from gateway.ratelimit import TokenBuckets
 from gateway.routes import create_generation, healthz, openapi, task_events, task_status
 from gateway.services import Services, open_services, resolve_network
 from gateway.settings import Settings
@@ -114,6 +115,12 @@ def create_app(
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_payment_header_bytes,
             on_unaccepted=refund_unaccepted,
+            challenge_limit=_buckets(
+                settings.challenge_rate_per_ip, settings.challenge_burst_per_ip
+            ),
+            refusal_limit=_buckets(
+                settings.refusal_rate_per_payer, settings.refusal_burst_per_payer
+            ),
         ),
     ]
     return Starlette(
@@ -122,6 +129,10 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPProblem: on_problem, InfrastructureError: on_infrastructure},
     )
+
+
+def _buckets(rate: float, burst: int) -> TokenBuckets | None:
+    return TokenBuckets(rate, burst) if rate > 0 else None
 
 
 def _resource_url(settings: Settings) -> Callable[[Scope], str]:

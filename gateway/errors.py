@@ -3,6 +3,7 @@
     HTTPProblem                 a 4xx/5xx the gateway means to send, with a machine reason
       BadRequest (400)          invalid body, unknown model, unsupported option: before payment
       PayloadTooLarge (413)     body or header above its bound
+      TooManyRequests (429)     a rate limit on the 402 path; Retry-After
       ServiceUnavailable (503)  chain or database unreachable before money moved; Retry-After
 
 Payment faults are answered by the middleware with a 402 challenge that carries the x402 reason
@@ -21,6 +22,7 @@ __all__ = [
     "HTTPProblem",
     "PayloadTooLarge",
     "ServiceUnavailable",
+    "TooManyRequests",
     "problem_response",
 ]
 
@@ -55,6 +57,14 @@ class BadRequest(HTTPProblem):
 class PayloadTooLarge(HTTPProblem):
     status = 413
     reason = "payload_too_large"
+
+
+class TooManyRequests(HTTPProblem):
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after)})
 
 
 class ServiceUnavailable(HTTPProblem):

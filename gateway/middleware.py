@@ -12,17 +12,26 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import HTTPProblem, PayloadTooLarge, ServiceUnavailable, problem_response
+from gateway.errors import (
+    HTTPProblem,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    TooManyRequests,
+    problem_response,
+)
+from gateway.ratelimit import TokenBuckets
 from payments import (
     InfrastructureError,
     InvalidPayment,
+    Payment,
     Requirement,
+    SettlementFailed,
     build_payment_required,
     encode_b64_json,
 )
@@ -63,7 +72,15 @@ class PricedRoute(Protocol):
 
 
 class PaymentService(Protocol):
-    async def pay(self, header_value: str, offered: Sequence[Requirement]) -> Settled: ...
+    def decode(
+        self,
+        header_value: str,
+        offered: Sequence[Requirement],
+        *,
+        version_hint: Literal[1, 2] | None = None,
+    ) -> Payment: ...
+
+    async def settle_payment(self, payment: Payment) -> Settled: ...
 
     async def refund(self, payment_id: str) -> Any: ...
 
@@ -83,6 +100,8 @@ class PaymentMiddleware:
         max_body_bytes: int,
         max_header_bytes: int,
         on_unaccepted: Callable[[Scope, PaidRequest], Awaitable[None]] | None = None,
+        challenge_limit: TokenBuckets | None = None,
+        refusal_limit: TokenBuckets | None = None,
     ) -> None:
         self.app = app
         self.routes: Mapping[tuple[str, str], PricedRoute] = {(r.method, r.path): r for r in routes}
@@ -91,6 +110,8 @@ class PaymentMiddleware:
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.on_unaccepted = on_unaccepted
+        self.challenge_limit = challenge_limit
+        self.refusal_limit = refusal_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,6 +137,10 @@ class PaymentMiddleware:
 
         header_name, header_value = _payment_header(headers)
         if header_value is None:
+            if self.challenge_limit is not None:
+                wait = self.challenge_limit.take(_client_ip(scope))
+                if wait:
+                    raise _rate_limited(wait, "too many unpaid requests from this address")
             await self._challenge(offered, "payment required", scope, receive, send)
             return
         if len(header_value) > self.max_header_bytes:
@@ -123,14 +148,25 @@ class PaymentMiddleware:
                 offered, "invalid_payload: payment header too large", scope, receive, send
             )
             return
+        service = self.service(scope)
+        version: Literal[1, 2] = 2 if header_name == V2_HEADER else 1
+        refused_key = _client_ip(scope)
         try:
-            settled = await self.service(scope).pay(header_value, offered)
-        except InvalidPayment as exc:
+            payment = service.decode(header_value, offered, version_hint=version)
+            refused_key = payment.payer
+            if self.refusal_limit is not None:
+                wait = self.refusal_limit.peek(refused_key)
+                if wait:
+                    raise _rate_limited(wait, "too many refused payments from this payer")
+            settled = await service.settle_payment(payment)
+        except (InvalidPayment, SettlementFailed) as exc:
+            if self.refusal_limit is not None:
+                self.refusal_limit.take(refused_key)
             log.info("payment refused: %s (%s)", exc.reason, exc.detail)
             await self._challenge(offered, exc.reason, scope, receive, send, detail=exc.detail)
             return
         except InfrastructureError as exc:
-            log.warning("payment infrastructure fault: %s", exc)
+            log.warning("payment infrastructure fault: %s", type(exc).__name__)
             raise ServiceUnavailable(
                 "payment infrastructure unavailable; nothing was charged, retry later"
             ) from exc
@@ -195,6 +231,15 @@ class PaymentMiddleware:
             headers={"payment-required": challenge.header, "cache-control": "no-store"},
         )
         await response(scope, receive, send)
+
+
+def _client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _rate_limited(wait: float, message: str) -> HTTPProblem:
+    return TooManyRequests(message, retry_after=TokenBuckets.retry_after(wait))
 
 
 def _payment_header(headers: Headers) -> tuple[str, str | None]:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
     max_payment_header_bytes: PositiveInt = 8 * 1024
     cors_origins: tuple[str, ...] = ("*",)
+    # 402-path rate limits (0 turns one off): unpaid challenges per client IP, and refused
+    # payment attempts per payer (each refusal may have cost an RPC simulation).
+    challenge_rate_per_ip: float = Field(default=50.0, ge=0)
+    challenge_burst_per_ip: PositiveInt = 200
+    refusal_rate_per_payer: float = Field(default=1.0, ge=0)
+    refusal_burst_per_payer: PositiveInt = 20
 
     # Storage and work.
     database: Path = Path("x402-gateway.db")
