@@ -307,8 +307,6 @@ class SqliteLedger:
         try:
             async with self._conn().execute(sql, tuple(params)) as cur:
                 rows = await cur.fetchall()
-        except sqlite3.IntegrityError:
-            raise
         except sqlite3.Error as exc:
             raise InfrastructureError(f"ledger write failed: {exc}") from exc
         return [_row_to_record(r) for r in rows]
