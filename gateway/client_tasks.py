@@ -252,11 +252,10 @@ class GenerationClient:
                 timeout=timeout,
             ) as response:
                 content_type = response.headers.get("content-type", "")
-                if response.status_code == 404:
-                    await response.aread()
-                    raise _problem(response)
+                # Anything but an event stream (no such route, a proxy page, 404 for a task the
+                # status route will explain): fall back to polling.
                 if response.status_code != 200 or not content_type.startswith("text/event-stream"):
-                    return None  # no event stream here: poll
+                    return None
                 event, data = "message", list[str]()
                 async for line in response.aiter_lines():
                     if line == "":
