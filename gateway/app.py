@@ -121,6 +121,7 @@ def create_app(
             refusal_limit=_buckets(
                 settings.refusal_rate_per_payer, settings.refusal_burst_per_payer
             ),
+            admit=lambda scope, payment: services_of(scope).admit(payment.payer),
         ),
     ]
     return Starlette(

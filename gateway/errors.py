@@ -2,6 +2,7 @@
 
     HTTPProblem                 a 4xx/5xx the gateway means to send, with a machine reason
       BadRequest (400)          invalid body, unknown model, unsupported option: before payment
+      PaymentRefunded (409)     a replayed authorization whose money was already refunded
       PayloadTooLarge (413)     body or header above its bound
       TooManyRequests (429)     a rate limit on the 402 path; Retry-After
       ServiceUnavailable (503)  chain or database unreachable before money moved; Retry-After
@@ -21,6 +22,7 @@ __all__ = [
     "BadRequest",
     "HTTPProblem",
     "PayloadTooLarge",
+    "PaymentRefunded",
     "ServiceUnavailable",
     "TooManyRequests",
     "problem_response",
@@ -52,6 +54,11 @@ class HTTPProblem(Exception):
 class BadRequest(HTTPProblem):
     status = 400
     reason = "invalid_request"
+
+
+class PaymentRefunded(HTTPProblem):
+    status = 409
+    reason = "payment_refunded"
 
 
 class PayloadTooLarge(HTTPProblem):

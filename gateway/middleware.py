@@ -102,6 +102,7 @@ class PaymentMiddleware:
         on_unaccepted: Callable[[Scope, PaidRequest], Awaitable[None]] | None = None,
         challenge_limit: TokenBuckets | None = None,
         refusal_limit: TokenBuckets | None = None,
+        admit: Callable[[Scope, Payment], None] | None = None,
     ) -> None:
         self.app = app
         self.routes: Mapping[tuple[str, str], PricedRoute] = {(r.method, r.path): r for r in routes}
@@ -112,6 +113,7 @@ class PaymentMiddleware:
         self.on_unaccepted = on_unaccepted
         self.challenge_limit = challenge_limit
         self.refusal_limit = refusal_limit
+        self.admit = admit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -158,6 +160,8 @@ class PaymentMiddleware:
                 wait = self.refusal_limit.peek(refused_key)
                 if wait:
                     raise _rate_limited(wait, "too many refused payments from this payer")
+            if self.admit is not None:
+                self.admit(scope, payment)  # may refuse (e.g. 429) before any money moves
             settled = await service.settle_payment(payment)
         except (InvalidPayment, SettlementFailed) as exc:
             if self.refusal_limit is not None:

@@ -12,13 +12,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import BadRequest, HTTPProblem, problem_response
+from gateway.errors import BadRequest, HTTPProblem, PaymentRefunded, problem_response
 from gateway.middleware import PAID_STATE_KEY, PaidRequest
 from gateway.openapi import openapi_document
 from gateway.quoting import GenerationQuote
 from gateway.services import Services
 from gateway.views import STATUS_CODES, task_view
 from generation import FetchError, GenerationRequest, Task, TaskNotFound
+from payments.ledger import PaymentState
 
 __all__ = ["create_generation", "healthz", "openapi", "task_events", "task_status"]
 
@@ -39,6 +40,11 @@ async def create_generation(request: Request) -> Response:
     settled = paid.settled
     quote: GenerationQuote = paid.quote.request
     body = quote.body
+    if settled.state is not PaymentState.SETTLED and settled.task_id is None:
+        # A replay of an authorization whose money already went back (refunded after a crash).
+        raise PaymentRefunded(
+            "this authorization was settled and then refunded; sign a new payment",
+        )
     # One task per payment: the task id is the payment id, and concurrent replays of one
     # authorization serialise here, so they all answer the first task.
     lock = services.creating.setdefault(settled.payment_id, asyncio.Lock())
@@ -72,6 +78,7 @@ async def create_generation(request: Request) -> Response:
                 task_id=settled.payment_id,
             )
             await services.processor.link_task(settled.payment_id, task.id)
+            services.task_started(task.id, settled.payer)
             services.workers.submit(task.id)
     services.creating.pop(settled.payment_id, None)
     content: dict[str, Any] = {"taskId": task.id}

@@ -14,13 +14,14 @@ import hmac
 import logging
 import os
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, TooManyRequests
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
@@ -46,7 +47,7 @@ from generation import (
 )
 from payments import Network, get_network
 from payments.chain import Chain
-from payments.ledger import SqliteLedger
+from payments.ledger import PaymentState, SqliteLedger
 from payments.processor import PaymentProcessor
 from payments.settler import Settler
 
@@ -55,6 +56,7 @@ __all__ = ["Services", "open_services", "resolve_network"]
 log = logging.getLogger("x402.gateway")
 
 LOCAL_MODEL_BACKEND = "local"
+REFUND_SWEEP_SECONDS = 7 * 24 * 3600  # failed tasks this recent get their refund re-checked
 
 
 @dataclass
@@ -75,6 +77,29 @@ class Services:
     policy: AddressPolicy
     upstream_enabled: bool
     creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Unfinished tasks per payer in this process (a soft limit; recovered tasks are not counted).
+    active: Counter[str] = field(default_factory=Counter)
+    task_payer: dict[str, str] = field(default_factory=dict)
+
+    def admit(self, payer: str) -> None:
+        limit = self.settings.max_active_tasks_per_payer
+        if limit and self.active[payer] >= limit:
+            raise TooManyRequests(
+                f"this payer already has {limit} unfinished tasks; wait for one to finish",
+                retry_after=5,
+            )
+
+    def task_started(self, task_id: str, payer: str) -> None:
+        if task_id not in self.task_payer:
+            self.task_payer[task_id] = payer
+            self.active[payer] += 1
+
+    def task_finished(self, task_id: str) -> None:
+        payer = self.task_payer.pop(task_id, None)
+        if payer is not None:
+            self.active[payer] -= 1
+            if self.active[payer] <= 0:
+                del self.active[payer]
 
     def model_available(self, price: ModelPrice) -> bool:
         return price.backend == LOCAL_MODEL_BACKEND or self.upstream_enabled
@@ -213,13 +238,46 @@ async def open_services(
         await processor.start()
         report = await processor.reconcile()
         log.info("reconciled payments: %s", report)
+        await _adopt_or_refund(services, report.needs_task)
+        await _refund_failed_tasks(services, since=clock() - REFUND_SWEEP_SECONDS)
         await workers.start(recover=True)
         stack.push_async_callback(workers.stop)
+        pruner = asyncio.create_task(_prune_media(media, settings.media_retention_hours * 3600))
+        stack.callback(pruner.cancel)
         stack.push_async_callback(processor.drain)
         yield services
 
 
+async def _adopt_or_refund(services: Services, payment_ids: list[str]) -> None:
+    """Settled payments without a linked task (a crash between settle and accept): link the
+    task if it was created (task id = payment id), else give the money back."""
+    for payment_id in payment_ids:
+        task = await services.tasks.get(payment_id)
+        try:
+            if task is not None:
+                await services.processor.link_task(payment_id, task.id)
+            else:
+                await services.processor.refund(payment_id)
+        except Exception:
+            log.exception("could not resolve settled payment %s; retried next start", payment_id)
+
+
+async def _refund_failed_tasks(services: Services, *, since: float) -> None:
+    """A task can fail and the process die before its refund was sent: find those and refund
+    (idempotent: a payment already refunded is left as it is)."""
+    for task in await services.tasks.list_failed_since(since):
+        if task.payment_ref is None:
+            continue
+        try:
+            record = await services.ledger.get(task.payment_ref)
+            if record.state is PaymentState.SETTLED:
+                await services.processor.refund(task.payment_ref)
+        except Exception:
+            log.exception("refund sweep: payment %s left for the next start", task.payment_ref)
+
+
 async def _on_task_done(services: Services, task: Task) -> None:
+    services.task_finished(task.id)
     if task.state is TaskState.FAILED and task.payment_ref is not None:
         try:
             await services.processor.refund(task.payment_ref)
@@ -242,6 +300,19 @@ async def _on_task_done(services: Services, task: Task) -> None:
         )
         if not result.delivered:
             log.info("webhook for task %s not delivered: %s", task.id, result.error)
+
+
+async def _prune_media(media: MediaStore, retention_s: int) -> None:
+    """Delete rendered media past its retention, checking a few times per retention period."""
+    interval = max(60.0, min(3600.0, retention_s / 4))
+    while True:
+        try:
+            removed = await media.prune(retention_s)
+            if removed:
+                log.info("pruned media of %d tasks past retention", len(removed))
+        except OSError as exc:
+            log.warning("media prune failed: %s", exc)
+        await asyncio.sleep(interval)
 
 
 def _public_media_base(settings: Settings) -> str:

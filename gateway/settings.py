@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     challenge_burst_per_ip: PositiveInt = 200
     refusal_rate_per_payer: float = Field(default=1.0, ge=0)
     refusal_burst_per_payer: PositiveInt = 20
+    max_active_tasks_per_payer: int = Field(default=16, ge=0)  # 0: no limit
 
     # Storage and work.
     database: Path = Path("x402-gateway.db")

@@ -63,6 +63,10 @@ class TaskStore(Protocol):
         """Queued and processing tasks, oldest first (restart recovery)."""
         ...
 
+    async def list_failed_since(self, since: float) -> list[Task]:
+        """Failed tasks finished at or after `since` (the gateway re-checks their refunds)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -91,6 +95,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (created_at)
     WHERE state IN ('queued', 'processing');
+CREATE INDEX IF NOT EXISTS tasks_failed ON tasks (finished_at) WHERE state = 'failed';
 """
 
 _SCHEMA_VERSION = 1
@@ -245,6 +250,13 @@ class SqliteTaskStore:
     async def list_unfinished(self) -> list[Task]:
         rows = await self._db.execute_fetchall(
             "SELECT * FROM tasks WHERE state IN ('queued', 'processing') ORDER BY created_at, id"
+        )
+        return [_row_to_task(r) for r in rows]
+
+    async def list_failed_since(self, since: float) -> list[Task]:
+        rows = await self._db.execute_fetchall(
+            "SELECT * FROM tasks WHERE state = 'failed' AND finished_at >= ? ORDER BY finished_at",
+            (since,),
         )
         return [_row_to_task(r) for r in rows]
 

@@ -33,9 +33,12 @@ async def quote_of(gateway: Gateway, body: dict[str, Any]) -> tuple[int, httpx.R
     return amount, r
 
 
-async def wait_terminal(gateway: Gateway, task_id: str, limit_s: float = 60) -> dict[str, Any]:
+async def wait_terminal(
+    gateway: Gateway | str, task_id: str, limit_s: float = 60
+) -> dict[str, Any]:
+    url = gateway if isinstance(gateway, str) else gateway.url
     deadline = time.monotonic() + limit_s
-    async with httpx.AsyncClient(base_url=gateway.url) as http:
+    async with httpx.AsyncClient(base_url=url) as http:
         while time.monotonic() < deadline:
             r = await http.get(f"/generation/{task_id}/status")
             body: dict[str, Any] = r.json()

@@ -79,3 +79,35 @@ async def test_429_with_retry_after_on_the_402_path(
             gw2.server.stop()
     finally:
         gw.server.stop()
+
+
+async def test_active_tasks_per_payer_are_bounded_before_payment(
+    local_chain: Any, make_payer: Any, tmp_path: Path
+) -> None:
+    gw = start_gateway(local_chain, tmp_path, max_active_tasks_per_payer=1, worker_concurrency=1)
+    try:
+        payer = make_payer()
+        slow = {"prompt": "slow", "templateData": {"duration": 20}}
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            challenge = await http.post("/generation/create", json=slow)
+            first = await http.post(
+                "/generation/create",
+                json=slow,
+                headers={
+                    "PAYMENT-SIGNATURE": v2_header(challenge.headers["payment-required"], payer.key)
+                },
+            )
+            assert first.status_code == 202
+            before = local_chain.usdc_balance(payer.address)
+            second = await http.post(
+                "/generation/create",
+                json=slow,
+                headers={
+                    "PAYMENT-SIGNATURE": v2_header(challenge.headers["payment-required"], payer.key)
+                },
+            )
+        assert second.status_code == 429, second.text
+        assert int(second.headers["retry-after"]) >= 1
+        assert local_chain.usdc_balance(payer.address) == before  # refused before settling
+    finally:
+        gw.server.stop()
