@@ -41,16 +41,16 @@ def new_key() -> tuple[str, str]:
 def gateway_settings(
     tmp: Path, rpc_url: str, settler_key: str, port: int, **extra: Any
 ) -> Settings:
-    return Settings(
-        rpc_url=rpc_url,
-        settler_key=SecretStr(settler_key),
-        database=tmp / "gateway.db",
-        media_dir=tmp / "media",
-        public_base_url=f"http://127.0.0.1:{port}",
-        allow_private_urls=True,
-        _env_file=None,  # type: ignore[call-arg]
+    values: dict[str, Any] = {
+        "rpc_url": rpc_url,
+        "settler_key": SecretStr(settler_key),
+        "database": tmp / "gateway.db",
+        "media_dir": tmp / "media",
+        "public_base_url": f"http://127.0.0.1:{port}",
+        "allow_private_urls": True,
         **extra,
-    )
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 def start_gateway(

@@ -31,6 +31,7 @@ class ServerThread:
             log_level="warning",
             access_log=False,
             lifespan="on",
+            proxy_headers=False,  # as `x402-gateway serve` without --proxy-headers
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}")

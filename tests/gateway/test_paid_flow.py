@@ -307,3 +307,28 @@ async def test_paid_task_uses_the_data_url_image(
         first = next(container.decode(video=0)).to_ndarray(format="rgb24")
     red, green = first[..., 0].mean(), first[..., 1].mean()
     assert red > 150 and green < 100, (red, green)  # the input image is the first frame
+
+
+def test_resource_url_behind_a_trusted_proxy(local_chain: Any, tmp_path: Any) -> None:
+    gw = start_gateway(local_chain, tmp_path, public_base_url=None, trust_forwarded_headers=True)
+    try:
+        r = httpx.post(
+            f"{gw.url}/generation/create",
+            json=BODY,
+            headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"},
+        )
+        assert r.json()["accepts"][0]["resource"] == "https://api.example.com/generation/create"
+        direct = httpx.post(f"{gw.url}/generation/create", json=BODY)
+        assert direct.json()["accepts"][0]["resource"] == f"{gw.url}/generation/create"
+    finally:
+        gw.server.stop()
+    untrusted = start_gateway(local_chain, tmp_path / "u", public_base_url=None)
+    try:
+        r = httpx.post(
+            f"{untrusted.url}/generation/create",
+            json=BODY,
+            headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example"},
+        )
+        assert r.json()["accepts"][0]["resource"] == f"{untrusted.url}/generation/create"
+    finally:
+        untrusted.server.stop()
