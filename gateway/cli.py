@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings(trust_forwarded_headers=args.proxy_headers)
+    if settings.public_base_url is None:
+        # Result URLs must be absolute; behind a proxy set X402_PUBLIC_BASE_URL instead.
+        origin = f"http://{args.host}:{args.port}"
+        logging.getLogger("x402.gateway").warning(
+            "X402_PUBLIC_BASE_URL is not set; media and resource URLs use %s", origin
+        )
+        settings = settings.model_copy(update={"public_base_url": origin})
     settings.load_settler_key()  # fail fast, before binding the port
     app = create_app(settings)
     config = uvicorn.Config(
