@@ -432,7 +432,9 @@ async def _follow(client: GenerationClient, task_id: str, out: _Out, limit_s: fl
         bar: TaskID = progress.add_task("queued", total=100)
 
         def show(update: TaskUpdate) -> None:
-            label = update.status if not update.stage else f"{update.status}: {update.stage}"
+            label = update.status
+            if update.stage and not update.terminal:
+                label = f"{update.status}: {update.stage}"
             progress.update(bar, completed=update.progress, description=label)
 
         return await client.follow(task_id, on_update=show, timeout_s=limit_s)

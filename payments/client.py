@@ -14,8 +14,9 @@ a second one. The transport sees the error and retries with the same header.
 Safety decisions:
 - Every policy check runs before anything is signed: a refused offer raises `PaymentRefused`
   and no payment header ever leaves the client.
-- The budget counts every *signed* authorization, settled or not: a signature is a spendable
-  promise until its ``validBefore``, so it is committed the moment it exists.
+- The budget counts every *signed* authorization, settled or not, even one the server then
+  refused (`PaymentRejected`): a signature is a spendable promise until its ``validBefore``, so
+  it is committed the moment it exists.
 - A signed payment whose outcome is unknown (connection lost, retries exhausted) stays pending
   for the same request (method, URL, body): asking again reuses it instead of paying twice.
 - The EIP-712 chain id comes from our own `Network`, never from the server.
@@ -38,6 +39,7 @@ from typing import Any, Final, Literal
 import anyio
 import httpx
 from eth_keys.datatypes import PrivateKey as _EthPrivateKey
+from eth_utils.exceptions import ValidationError as _KeyValidationError
 from pydantic import ValidationError
 
 from .eip3009 import Authorization, TokenDomain, normalize_address, random_nonce, sign_authorization
@@ -410,7 +412,10 @@ class Payer:
         clock: Callable[[], float] = time.time,
         rng: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
-        key = _EthPrivateKey(_key_bytes(private_key))
+        try:
+            key = _EthPrivateKey(_key_bytes(private_key))
+        except _KeyValidationError:
+            raise ValueError("not a valid secp256k1 private key") from None
         self._key = key.to_bytes()
         self.address: str = normalize_address(key.public_key.to_checksum_address())
         self.policy = policy or SpendPolicy()
@@ -609,7 +614,7 @@ class Payer:
         )
         with self._lock:
             self._receipts.append(receipt)
-            self._pending.pop(key, None)
+            self._drop_pending(key, signed)
         log.info(
             "paid %d on %s, tx %s (HTTP %d)",
             receipt.amount,
@@ -619,9 +624,14 @@ class Payer:
         )
         return receipt
 
-    def _forget(self, key: _Key) -> None:
+    def _forget(self, key: _Key, signed: _Signed) -> None:
         with self._lock:
-            self._pending.pop(key, None)
+            self._drop_pending(key, signed)
+
+    def _drop_pending(self, key: _Key, signed: _Signed) -> None:
+        # Only our own entry: a concurrent identical request may have stored its own since.
+        if self._pending.get(key) is signed:
+            del self._pending[key]
 
     # -- the flow (sans I/O; driven by the transports) -----------------------------------------
 
@@ -692,7 +702,7 @@ class Payer:
                 except InvalidPayment:
                     pass
             yield _Close(response)
-            self._forget(key)
+            self._forget(key, signed)
             raise PaymentRejected(reason, answer.detail or "", signed.offer)
         if response.status_code in RETRY_STATUSES:
             return response  # still unsure: keep the authorization pending for a later retry
