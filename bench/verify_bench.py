@@ -111,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     parser.add_argument("--payments", type=int, default=200, help="distinct signed payments")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args()
 
     pinned = _pin_one_core()
@@ -170,6 +171,9 @@ def main() -> None:
 
     rows.append(("decode+match+verify_offline (coincurve)", _rate(end_to_end, headers, sec)))
 
+    if args.json:
+        print(json.dumps({"pinned": pinned, "per_second": dict(rows)}))
+        return
     print(f"verify bench: one process, {pinned}, {args.payments} distinct payments, {sec:g}s each")
     width = max(len(name) for name, _ in rows)
     for name, per_s in rows:
