@@ -34,6 +34,7 @@ from payments import (
     SettlementFailed,
     build_payment_required,
     encode_b64_json,
+    reasons,
 )
 from payments.processor import Settled
 
@@ -147,7 +148,12 @@ class PaymentMiddleware:
             return
         if len(header_value) > self.max_header_bytes:
             await self._challenge(
-                offered, "invalid_payload: payment header too large", scope, receive, send
+                offered,
+                reasons.INVALID_PAYLOAD,
+                scope,
+                receive,
+                send,
+                detail=f"payment header above {self.max_header_bytes} bytes",
             )
             return
         service = self.service(scope)
@@ -172,7 +178,8 @@ class PaymentMiddleware:
         except InfrastructureError as exc:
             log.warning("payment infrastructure fault: %s", type(exc).__name__)
             raise ServiceUnavailable(
-                "payment infrastructure unavailable; nothing was charged, retry later"
+                "the payment could not be completed now; retry with the same payment header "
+                "(an authorization is never charged twice)"
             ) from exc
 
         paid = PaidRequest(quote=quote, settled=settled)
