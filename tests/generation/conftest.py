@@ -4,11 +4,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gen_support import SMALL
 
 from generation.backends.local import LocalBackend
 from generation.media import MediaStore
 from generation.store import SqliteTaskStore
+from tests.generation.gen_support import SMALL
 
 
 @pytest.fixture

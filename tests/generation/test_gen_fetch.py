@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gen_support import png_bytes, serve
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,6 +29,7 @@ from starlette.routing import Route
 from generation.errors import FetchError, UnsafeAddress
 from generation.fetch import FetchLimits, ImageFetcher
 from generation.netguard import AddressPolicy
+from tests.generation.gen_support import png_bytes, serve
 
 PNG = png_bytes(64, 48, (10, 200, 30))
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from gen_support import SMALL, png_bytes
 from PIL import Image
 
 from generation.backends.local import LocalBackend, LocalSettings
 from generation.errors import InvalidInput
 from generation.models import GenerationRequest, Stage
+from tests.generation.gen_support import SMALL, png_bytes
 
 
 def _first_frame(path: Path) -> np.ndarray:

@@ -13,8 +13,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from fake_videos_api import FakeVideosAPI
-from gen_support import png_bytes, serve
 from PIL import Image
 
 from generation.backends.base import ModelRouter
@@ -22,6 +20,8 @@ from generation.backends.local import LocalBackend
 from generation.backends.upstream import UpstreamBackend, UpstreamSettings
 from generation.errors import BackendError, InvalidInput, UpstreamError
 from generation.models import ErrorCode, GenerationRequest, Stage
+from tests.generation.fake_videos_api import FakeVideosAPI
+from tests.generation.gen_support import png_bytes, serve
 
 KEY = "sk-test-not-a-real-key"
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gen_support import serve
 from standardwebhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,6 +28,7 @@ from generation.webhooks import (
     generate_secret,
 )
 from generation.worker import WorkerPool
+from tests.generation.gen_support import serve
 
 
 class Receiver:
