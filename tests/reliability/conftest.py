@@ -1,0 +1,90 @@
+"""Fixtures of the reliability suite: the facts recorder, and a safety net that keeps every
+connection this process opens on loopback.
+
+The SSRF tests hand the gateway URLs of private, link-local, multicast and metadata addresses.
+The gateway must refuse them before connecting; if a regression ever let one through, this
+process would send real packets off the machine. An audit hook (PEP 578) refuses any
+`socket.connect`/`sendto` to a non-loopback address and any name lookup other than
+`localhost`, and the test that triggered it fails even if the code under test swallowed the
+error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.reliability.facts import Recorder, results_path
+
+_NET_GUARD: dict[str, Any] = {"on": False, "violations": []}
+
+
+def _loopback(host: object) -> bool:
+    if not isinstance(host, str):
+        return True  # AF_UNIX paths and the like: not a network destination
+    text = host.split("%", 1)[0]
+    if text in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def _lookup_allowed(host: object) -> bool:
+    if host is None or isinstance(host, bytes | bytearray):
+        host = host.decode() if host else ""
+    assert isinstance(host, str)
+    if host in ("localhost", ""):
+        return True
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # a literal: no packet leaves
+    except ValueError:
+        return False
+    return True
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _NET_GUARD["on"]:
+        return
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        address = args[1] if len(args) > 1 else None
+        if isinstance(address, tuple) and address and not _loopback(address[0]):
+            _NET_GUARD["violations"].append(f"{event} {address[0]}")
+            raise PermissionError(f"reliability net guard: {event} to {address[0]} refused")
+    elif event == "socket.getaddrinfo" and not _lookup_allowed(args[0]):
+        _NET_GUARD["violations"].append(f"lookup {args[0]!r}")
+        raise PermissionError(f"reliability net guard: lookup of {args[0]!r} refused")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only() -> Iterator[None]:
+    _NET_GUARD["violations"] = []
+    _NET_GUARD["on"] = True
+    try:
+        yield
+    finally:
+        _NET_GUARD["on"] = False
+    assert not _NET_GUARD["violations"], f"non-loopback traffic attempted: {_NET_GUARD}"
+
+
+@pytest.fixture
+def facts(request: pytest.FixtureRequest) -> Recorder:
+    return Recorder(results_path(), request.node.nodeid)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        Recorder(results_path(), report.nodeid).record(
+            "outcome",
+            outcome=report.outcome,
+            xfail=hasattr(report, "wasxfail"),
+            seconds=round(report.duration, 3),
+        )
