@@ -20,6 +20,7 @@ import mimetypes
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -351,6 +352,7 @@ async def _generate_async(
             raise _http_fail(exc) from None
 
         if final.status != "completed":
+            final = await _await_refund(client, final)
             refund = final.refund or {}
             message = (
                 f"task {final.task_id} failed ({final.error or 'no reason given'}); "
@@ -389,6 +391,20 @@ async def _generate_async(
         if receipt is not None:
             out.say(f"Amount paid: {format_usdc(receipt.amount)} USDC, tx {receipt.transaction}")
         return EXIT_OK
+
+
+async def _await_refund(
+    client: GenerationClient, update: TaskUpdate, limit_s: float = 30.0
+) -> TaskUpdate:
+    """A failed task's refund is sent after the failure: give it a moment to confirm."""
+    deadline = time.monotonic() + limit_s
+    while (update.refund or {}).get("status") == "pending" and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        try:
+            update, _ = await client.status(update.task_id)
+        except (GatewayError, httpx.HTTPError):
+            break
+    return update
 
 
 def _refusal(exc: PaymentRefused, max_amount: str) -> str:

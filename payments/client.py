@@ -84,7 +84,7 @@ VALID_AFTER_SKEW_S: Final = 60
 # Do not resend an authorization that expires within this margin: the server could not settle it.
 RESEND_MARGIN_S: Final = 6
 _V2_FIELDS: Final = ("scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds", "extra")
-RETRY_STATUSES: Final = frozenset({502, 503, 504})
+RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S: Final = 5.0
 
 # Refusal reasons (the client's own; the server's reasons are x402 strings).
@@ -400,7 +400,7 @@ class Payer:
     """A wallet key with a spend policy. Safe to share between threads and tasks.
 
     ``retries`` is how many times one signed payment is resent after a lost response or a
-    502/503/504 (always the same authorization)."""
+    429/502/503/504 (always the same authorization)."""
 
     def __init__(
         self,
@@ -704,8 +704,13 @@ class Payer:
             yield _Close(response)
             self._forget(key, signed)
             raise PaymentRejected(reason, answer.detail or "", signed.offer)
-        if response.status_code in RETRY_STATUSES:
-            return response  # still unsure: keep the authorization pending for a later retry
+        settle_header = response.headers.get(V2_RESPONSE_HEADER) or response.headers.get(
+            V1_RESPONSE_HEADER
+        )
+        if not response.is_success and not settle_header:
+            # Not served and no word on settlement (429, 503 after the last retry, ...): keep
+            # the authorization pending so asking again resends it rather than signing anew.
+            return response
         response.extensions[RECEIPT_EXTENSION] = self._settled(key, signed, response)
         return response
 

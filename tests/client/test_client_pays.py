@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from payments import BASE, normalize_address
-from payments.client import Payer, Receipt, SpendPolicy, receipt_of
+from payments.client import Payer, PaymentRejected, Receipt, SpendPolicy, receipt_of
 from payments.eip3009 import keccak256
 from tests.client.conftest import Key, Served
 from tests.client.servers import OFFICIAL_PRICE
@@ -141,3 +141,22 @@ async def test_unpriced_routes_pass_through_unpaid(gateway: Served, make_key: An
     assert r.status_code == 200 and receipt_of(r) is None
     assert bad.status_code == 400  # invalid body: refused before any price, nothing signed
     assert payer.committed == 0 and payer.receipts == ()
+
+
+@pytest.mark.parametrize("server", ["gateway", "official"])
+async def test_server_refusal_raises_payment_rejected_with_its_reason(
+    server: str, request: pytest.FixtureRequest, make_key: Callable[..., Key]
+) -> None:
+    served: Served = request.getfixturevalue(server)
+    key = make_key(usdc=0)  # a valid signature over money the payer does not have
+    payer = Payer(key.key)
+    mark = served.recorder.mark()
+    async with payer.async_client(base_url=served.url) as http:
+        with pytest.raises(PaymentRejected) as info:
+            if server == "gateway":
+                await http.post("/generation/create", json=BODY)
+            else:
+                await http.get("/weather")
+    assert info.value.reason == "invalid_exact_evm_insufficient_balance"
+    assert [s.paid for s in served.recorder.since(mark)] == [False, True]
+    assert payer.receipts == () and payer.committed == info.value.offer.amount

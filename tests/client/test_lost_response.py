@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,8 @@ from payments.client import Payer, PaymentUnconfirmed, receipt_of
 from tests.client.conftest import Key, Served
 from tests.client.servers import CuttingProxy
 from tests.client.test_client_pays import transfers
+from tests.gateway.conftest import start_gateway
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chain
 
@@ -107,3 +110,46 @@ def test_unconfirmed_payment_is_reused_for_the_same_request(
     assert local_chain.usdc_balance(key.address) == 10_000_000 - amount
     payments, tasks = ledger_and_tasks(gateway, key.address)
     assert len(payments) == 1 and tasks == 1
+
+
+async def test_503_is_retried_with_the_same_authorization(
+    local_chain: Any, make_key: Callable[..., Key], tmp_path: Path
+) -> None:
+    """The gateway's RPC is down when the payment arrives: 503 + Retry-After, nothing charged.
+    The client waits as told and resends the same authorization; by then the RPC is back."""
+    rpc = TcpProxy("127.0.0.1", int(local_chain.rpc_url.rsplit(":", 1)[1])).start()
+    gw = start_gateway(local_chain, tmp_path, rpc_url=rpc.url)
+    seen: list[tuple[int, str | None]] = []
+
+    class Watch(httpx.AsyncBaseTransport):
+        """Notes each answer; brings the RPC back once the client has seen the 503."""
+
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            seen.append((response.status_code, request.headers.get("payment-signature")))
+            if response.status_code == 503:
+                rpc.restore()
+            return response
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    try:
+        key = make_key()
+        amount = quote(gw.url)
+        rpc.cut()
+        payer = Payer(key.key, retry_backoff=0.05)
+        async with payer.async_client(inner=Watch(), base_url=gw.url) as http:
+            r = await http.post("/generation/create", json=BODY)
+    finally:
+        gw.server.stop()
+        rpc.stop()
+
+    assert r.status_code == 202, r.text
+    assert [status for status, _ in seen] == [402, 503, 202]
+    assert seen[1][1] is not None and seen[1][1] == seen[2][1]  # the same authorization
+    assert len(payer.receipts) == 1 and payer.committed == amount
+    assert local_chain.usdc_balance(key.address) == 10_000_000 - amount

@@ -15,6 +15,7 @@ import pytest
 
 from tests.client.conftest import Key, Served
 from tests.client.test_client_pays import quote, transfers
+from tests.gateway.conftest import start_gateway
 
 pytestmark = pytest.mark.chain
 
@@ -156,3 +157,32 @@ def test_for_agents_snippet_runs(
     assert (tmp_path / "lighthouse.mp4").read_bytes()[4:8] == b"ftyp"
     assert transfers(local_chain, last[-1]) == [(key.address, gateway.pay_to, int(last[2]))]
     assert local_chain.usdc_balance(key.address) == 10_000_000 - int(last[2])
+
+
+def test_generate_exit_codes_for_rejected_payment_and_failed_task(
+    local_chain: Any, make_key: Callable[..., Key], tmp_path: Path
+) -> None:
+    # A real failure: 20 s of video cannot render inside a 1 s task timeout.
+    gw = start_gateway(local_chain, tmp_path, task_timeout_seconds=1)
+    try:
+        broke = make_key(usdc=0)
+        rejected = run_cli(
+            "generate", "slow", "--duration", "20", "--gateway", gw.url,
+            "--max-amount", "5", "--json", key=broke.key, cwd=tmp_path,
+        )  # fmt: skip
+        assert rejected.returncode == 4, rejected.stderr
+        assert events(rejected.stdout)[-1]["reason"] == "invalid_exact_evm_insufficient_balance"
+        assert len(rejected.stderr.strip().splitlines()) == 1
+
+        key = make_key()
+        failed = run_cli(
+            "generate", "slow", "--duration", "20", "--gateway", gw.url,
+            "--max-amount", "5", key=key.key, cwd=tmp_path,
+        )  # fmt: skip
+        assert failed.returncode == 5, failed.stderr
+        reason = failed.stderr.strip().splitlines()[-1]
+        assert "failed (timeout" in reason and "refund confirmed, tx 0x" in reason
+        assert local_chain.usdc_balance(key.address) == 10_000_000  # paid, then refunded
+        assert not list(tmp_path.glob("*.mp4"))
+    finally:
+        gw.server.stop()
