@@ -3,11 +3,13 @@ the environment, against the real gateway (in this process) on the session's Anv
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +188,41 @@ def test_generate_exit_codes_for_rejected_payment_and_failed_task(
         assert not list(tmp_path.glob("*.mp4"))
     finally:
         gw.server.stop()
+
+
+@pytest.fixture
+def keep_log_levels() -> Iterator[None]:
+    """The CLI quiets these loggers for its own process; give them back to the test session."""
+    names = ("x402", "httpx", "httpcore", "web3")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_log_levels")
+def test_quote_with_a_local_image_file(
+    gateway: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process this time: `--image PATH` is sent as a data: URL and priced as such."""
+    from PIL import Image
+
+    from gateway.cli import main
+
+    png = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(png)
+    data_url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    expected = quote(
+        gateway.url, {"prompt": PROMPT, "templateData": {"duration": 2, "image": data_url}}
+    )
+
+    code = main(
+        ["quote", PROMPT, "--duration", "2", "--image", str(png), "--gateway", gateway.url,
+         "--json"]
+    )  # fmt: skip
+    assert code == 0
+    (shown,) = events(capsys.readouterr().out)
+    assert int(shown["amount"]) == expected
+
+    assert main(["quote", PROMPT, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "cannot read" in capsys.readouterr().err
