@@ -4,14 +4,15 @@ connection this process opens on loopback.
 The SSRF tests hand the gateway URLs of private, link-local, multicast and metadata addresses.
 The gateway must refuse them before connecting; if a regression ever let one through, this
 process would send real packets off the machine. An audit hook (PEP 578) refuses any
-`socket.connect`/`sendto` to a non-loopback address and any name lookup other than
-`localhost`, and the test that triggered it fails even if the code under test swallowed the
-error.
+`socket.connect`/`sendto` to a non-loopback address (and the test that triggered it fails even
+if the code under test swallowed the error); a name lookup other than `localhost` fails as an
+unknown name would, before any DNS packet is sent.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -57,8 +58,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
             _NET_GUARD["violations"].append(f"{event} {address[0]}")
             raise PermissionError(f"reliability net guard: {event} to {address[0]} refused")
     elif event == "socket.getaddrinfo" and not _lookup_allowed(args[0]):
-        _NET_GUARD["violations"].append(f"lookup {args[0]!r}")
-        raise PermissionError(f"reliability net guard: lookup of {args[0]!r} refused")
+        # No packet has left yet: answer as a resolver without the name would.
+        raise socket.gaierror(socket.EAI_NONAME, f"net guard: {args[0]!r} not resolved")
 
 
 sys.addaudithook(_audit)
