@@ -86,6 +86,7 @@ RESEND_MARGIN_S: Final = 6
 _V2_FIELDS: Final = ("scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds", "extra")
 RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 MAX_RETRY_AFTER_S: Final = 5.0
+SMALL_BODY: Final = 64 * 1024
 
 # Refusal reasons (the client's own; the server's reasons are x402 strings).
 UNSUPPORTED_SCHEME: Final = "unsupported_scheme"
@@ -659,6 +660,10 @@ class Payer:
         while True:
             try:
                 response = yield _Send(paid)
+                if _small_body(response):
+                    # Read a small answer (the gateway's 202 {"taskId"}) here, so a body cut
+                    # after the headers is a lost answer too, resent like any other.
+                    yield _Read(response)
             except httpx.TransportError as exc:
                 if attempt >= self.retries or not self._usable(signed):
                     raise PaymentUnconfirmed(
@@ -713,6 +718,11 @@ class Payer:
             return response
         response.extensions[RECEIPT_EXTENSION] = self._settled(key, signed, response)
         return response
+
+
+def _small_body(response: httpx.Response) -> bool:
+    length = response.headers.get("content-length", "")
+    return length.isdigit() and int(length) <= SMALL_BODY
 
 
 def _retry_after(value: str | None, now: float) -> float:
@@ -775,7 +785,11 @@ class PayingTransport(httpx.BaseTransport):
                 except httpx.TransportError as exc:
                     error = exc
             elif isinstance(action, _Read):
-                action.response.read()
+                try:
+                    action.response.read()
+                except httpx.TransportError as exc:
+                    action.response.close()
+                    error = exc
             elif isinstance(action, _Close):
                 action.response.close()
             else:
@@ -810,7 +824,11 @@ class AsyncPayingTransport(httpx.AsyncBaseTransport):
                 except httpx.TransportError as exc:
                     error = exc
             elif isinstance(action, _Read):
-                await action.response.aread()
+                try:
+                    await action.response.aread()
+                except httpx.TransportError as exc:
+                    await action.response.aclose()
+                    error = exc
             elif isinstance(action, _Close):
                 await action.response.aclose()
             else:

@@ -102,13 +102,15 @@ _PAYMENT_HEADER = re.compile(rb"\r\n(payment-signature|x-payment): ([^\r\n]+)", 
 
 class CuttingProxy:
     """TCP proxy between a client and a server that drops the next ``drop`` responses carrying
-    a settlement header: it closes both sockets instead of forwarding them. The server has done
-    its work (settled, answered); the client only sees the connection die."""
+    a settlement header: it closes both sockets instead of forwarding them (or, with
+    ``keep_headers``, right after their headers). The server has done its work (settled,
+    answered); the client only sees the connection die."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
         self.drop = 0
         self.dropped = 0
+        self.keep_headers = False  # forward the dropped answer's headers, cut before its body
         self.payment_headers: list[bytes] = []  # every payment header value that went upstream
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
@@ -161,7 +163,10 @@ class CuttingProxy:
                             self.drop -= 1
                             self.dropped += 1
                     if cut:
-                        break  # lose the answer: close both ends without forwarding it
+                        if self.keep_headers:
+                            end = data.find(b"\r\n\r\n")
+                            dst.sendall(data[: end + 4] if end >= 0 else data)
+                        break  # lose the answer: close both ends
                 dst.sendall(data)
         except OSError:
             pass

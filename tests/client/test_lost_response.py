@@ -55,12 +55,18 @@ def ledger_and_tasks(gateway: Served, payer: str) -> tuple[list[tuple[Any, ...]]
     return payments, tasks
 
 
+@pytest.mark.parametrize("cut", ["whole answer", "body only"])
 async def test_lost_response_is_resent_with_the_same_authorization(
-    gateway: Served, proxy: CuttingProxy, make_key: Callable[..., Key], local_chain: Any
+    cut: str,
+    gateway: Served,
+    proxy: CuttingProxy,
+    make_key: Callable[..., Key],
+    local_chain: Any,
 ) -> None:
     key = make_key()
     amount = quote(gateway.url)
     proxy.drop = 1
+    proxy.keep_headers = cut == "body only"
     payer = Payer(key.key, retry_backoff=0.05)
 
     async with payer.async_client(base_url=proxy.url) as http:
