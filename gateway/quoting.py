@@ -15,6 +15,7 @@ from gateway.middleware import Quote
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration, field_errors
 from payments import Discovery, Network, Requirement
+from payments.wire import json_nesting_exceeds
 
 __all__ = ["OUTPUT_SCHEMA", "CreateGenerationRoute", "GenerationQuote", "input_schema"]
 
@@ -74,14 +75,14 @@ class CreateGenerationRoute:
         )
 
     async def quote(self, body: bytes) -> Quote:
+        if json_nesting_exceeds(body, _MAX_JSON_DEPTH):
+            raise BadRequest("request body is nested too deeply", reason="invalid_json")
         try:
             raw = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BadRequest("request body must be a JSON object", reason="invalid_json") from exc
         if not isinstance(raw, dict):
             raise BadRequest("request body must be a JSON object", reason="invalid_json")
-        if _depth(raw) > _MAX_JSON_DEPTH:
-            raise BadRequest("request body is nested too deeply", reason="invalid_json")
         try:
             request = CreateGeneration.model_validate(raw)
         except ValidationError as exc:
@@ -138,16 +139,6 @@ class CreateGenerationRoute:
 
 def _known(prices: PriceBook) -> str:
     return "known models: " + ", ".join(sorted(prices.models))
-
-
-def _depth(value: Any, level: int = 1) -> int:
-    if level > _MAX_JSON_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
 
 
 def input_schema(prices: PriceBook) -> dict[str, Any]:

@@ -62,6 +62,7 @@ __all__ = [
     "decode_settle_response",
     "dumps_compact",
     "encode_b64_json",
+    "json_nesting_exceeds",
     "parse_uint256",
     "to_authorization",
 ]
@@ -237,6 +238,33 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON_NESTING_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_nesting_exceeds(raw: bytes, limit: int, *, max_brackets: int = 20_000) -> bool:
+    """True if `raw` JSON nests deeper than `limit` (or opens more than `max_brackets`).
+
+    Checked BEFORE `json.loads`: the C parser recurses per level, and with the interpreter's
+    recursion limit raised (py_ecc sets it to 100000 at import) a deep enough document
+    overflows the C stack and kills the process instead of raising RecursionError.
+    """
+    opens = raw.count(b"[") + raw.count(b"{")
+    if opens <= limit:
+        return False
+    if opens > max_brackets:
+        return True
+    depth = 0
+    for match in _JSON_NESTING_TOKENS.finditer(raw):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
+
+
 def _check_depth(root: Any, limit: int) -> None:
     stack: list[tuple[Any, int]] = [(root, 1)]
     while stack:
@@ -280,6 +308,8 @@ def decode_b64_json(value: str, *, max_chars: int = MAX_HEADER_CHARS) -> Any:
     if len(value) > max_chars:
         raise _invalid(f"header longer than {max_chars} characters")
     raw = _b64decode(value)
+    if json_nesting_exceeds(raw, MAX_JSON_DEPTH):
+        raise _invalid(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
