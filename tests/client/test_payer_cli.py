@@ -142,9 +142,10 @@ def test_quote_and_balance(gateway: Served, make_key: Callable[..., Key], local_
 def test_for_agents_snippet_runs(
     gateway: Served, make_key: Callable[..., Key], tmp_path: Path, local_chain: Any
 ) -> None:
-    """The Python block of docs/for-agents.md, run as written against the real gateway."""
-    doc = (Path(__file__).parents[2] / "docs" / "for-agents.md").read_text()
-    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    """The README's "For agents" Python block, run as written against the real gateway."""
+    doc = (Path(__file__).parents[2] / "README.md").read_text()
+    section = doc.split("## For agents", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
     key = make_key()
     env = {k: v for k, v in os.environ.items() if not k.startswith("X402_")}
     env.update(X402_PRIVATE_KEY=key.key, X402_GATEWAY_URL=gateway.url)
