@@ -175,7 +175,7 @@ def _print_dev_banner(info: dict[str, object], path: Path) -> None:
         *(f"  {p['address']}  {p['privateKey']}" for p in payers),
         "Try it:",
         f"  X402_PRIVATE_KEY={first['privateKey']} \\",
-        f"    .venv/bin/x402-gateway generate 'a lighthouse at dawn' --duration 4 \\",
+        "    .venv/bin/x402-gateway generate 'a lighthouse at dawn' --duration 4 \\",
         f"    --gateway {info['gatewayUrl']} --max-amount 0.50 --out lighthouse.mp4",
         "  or, with the official x402 client: .venv/bin/python examples/pay.py",
         "Ctrl-C stops the gateway and the chain.",
