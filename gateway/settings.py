@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     public_base_url: str | None = None  # e.g. https://api.example.com behind a proxy
     trust_forwarded_headers: bool = False
     max_body_bytes: PositiveInt = 8 * 1024 * 1024
-    max_payment_header_bytes: PositiveInt = 8 * 1024
+    max_payment_header_bytes: PositiveInt = 16 * 1024  # clients echo our bazaar extension
     cors_origins: tuple[str, ...] = ("*",)
     # 402-path rate limits (0 turns one off): unpaid challenges per client IP, and refused
     # payment attempts per payer (each refusal may have cost an RPC simulation).
