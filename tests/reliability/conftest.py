@@ -12,14 +12,16 @@ unknown name would, before any DNS packet is sent.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from tests.reliability.facts import Recorder, results_path
+from tests.reliability.harness import USDC, Key, new_key
 
 _NET_GUARD: dict[str, Any] = {"on": False, "violations": []}
 
@@ -36,11 +38,15 @@ def _loopback(host: object) -> bool:
         return False
 
 
+# inet_aton forms (2130706433, 0x7f000001, 0177.0.0.1, 127.1): parsed by libc, never sent to DNS
+_NUMERIC_HOST = re.compile(r"(?:0[xX][0-9a-fA-F]+|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]+|[0-9]+)){0,3}")
+
+
 def _lookup_allowed(host: object) -> bool:
     if host is None or isinstance(host, bytes | bytearray):
         host = host.decode() if host else ""
     assert isinstance(host, str)
-    if host in ("localhost", ""):
+    if host in ("localhost", "") or _NUMERIC_HOST.fullmatch(host):
         return True
     try:
         ipaddress.ip_address(host.split("%", 1)[0])  # a literal: no packet leaves
@@ -74,6 +80,19 @@ def loopback_only() -> Iterator[None]:
     finally:
         _NET_GUARD["on"] = False
     assert not _NET_GUARD["violations"], f"non-loopback traffic attempted: {_NET_GUARD}"
+
+
+@pytest.fixture
+def make_payer(local_chain: Any) -> Callable[..., Key]:
+    """Factory: a fresh key holding `usdc` test USDC (no ETH: the settler pays the gas)."""
+
+    def make(usdc: int = 10 * USDC) -> Key:
+        key = new_key()
+        if usdc:
+            local_chain.fund(key.address, usdc=usdc)
+        return key
+
+    return make
 
 
 @pytest.fixture
