@@ -19,12 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import httpx
 
 from gateway.errors import BadRequest, TooManyRequests
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
+from gateway.views import task_view
 from generation import (
     AddressPolicy,
     Backend,
@@ -72,7 +74,7 @@ class Services:
     workers: WorkerPool
     media: MediaStore
     images: ImageFetcher
-    webhook_client: Any
+    webhook_client: httpx.AsyncClient
     webhook_key: bytes
     policy: AddressPolicy
     upstream_enabled: bool
@@ -292,8 +294,6 @@ async def _on_task_done(services: Services, task: Task) -> None:
             policy=services.policy,
             client=services.webhook_client,
         )
-        from gateway.views import task_view
-
         view = await task_view(services, task)
         result = await sender.deliver(
             task.webhook_url, event_type_for(task), view, message_id=f"msg_{task.id}"
