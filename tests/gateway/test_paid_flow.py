@@ -332,3 +332,17 @@ def test_resource_url_behind_a_trusted_proxy(local_chain: Any, tmp_path: Any) ->
         assert r.json()["accepts"][0]["resource"] == f"{untrusted.url}/generation/create"
     finally:
         untrusted.server.stop()
+
+
+def test_cors_preflight_allows_the_payment_headers(gateway: Gateway) -> None:
+    r = httpx.options(
+        f"{gateway.url}/generation/create",
+        headers={
+            "Origin": "https://agent.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,payment-signature,x-payment",
+        },
+    )
+    assert r.status_code == 200
+    allowed = r.headers["access-control-allow-headers"].lower()
+    assert "payment-signature" in allowed and "x-payment" in allowed
