@@ -12,14 +12,15 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from gateway.errors import BadRequest, HTTPProblem, PaymentRefunded, problem_response
+from gateway.errors import BadRequest, PaymentRefunded, ServiceUnavailable, problem_response
 from gateway.middleware import PAID_STATE_KEY, PaidRequest
 from gateway.openapi import openapi_document
 from gateway.quoting import GenerationQuote
 from gateway.services import Services
 from gateway.views import STATUS_CODES, task_view
-from generation import FetchError, GenerationRequest, Task, TaskNotFound
+from generation import FetchError, GenerationRequest, Task, TaskExists, TaskNotFound
 from payments.ledger import PaymentState
+from payments.processor import Settled
 
 __all__ = ["create_generation", "healthz", "openapi", "task_events", "task_status"]
 
@@ -45,23 +46,42 @@ async def create_generation(request: Request) -> Response:
         raise PaymentRefunded(
             "this authorization was settled and then refunded; sign a new payment",
         )
-    # One task per payment: the task id is the payment id, and concurrent replays of one
-    # authorization serialise here, so they all answer the first task.
+    # One task per payment: the task id is the payment id (the store refuses a second one),
+    # and concurrent replays of one authorization in this process serialise here.
     lock = services.creating.setdefault(settled.payment_id, asyncio.Lock())
-    async with lock:
-        task = await services.tasks.get(settled.payment_id)
-        if task is None:
-            image = quote.image
-            if image is None and body.templateData.image is not None:
-                try:
-                    image = (await services.images.fetch(body.templateData.image)).data
-                except FetchError as exc:
-                    # Paid, but the work cannot start: the money goes straight back.
-                    await services.processor.refund(settled.payment_id)
-                    raise BadRequest(
-                        f"image input refused: {exc.message}; the payment was refunded",
-                        reason="invalid_image",
-                    ) from exc
+    try:
+        async with lock:
+            task = await _task_for_payment(services, settled, quote)
+    finally:
+        if not lock.locked():
+            services.creating.pop(settled.payment_id, None)
+    content: dict[str, Any] = {"taskId": task.id}
+    if body.webhook:
+        content["webhookSecret"] = services.webhook_secret(task.id)
+    return JSONResponse(
+        content,
+        status_code=202,
+        headers={**NO_STORE, "location": f"/generation/{task.id}/status"},
+    )
+
+
+async def _task_for_payment(services: Services, settled: Settled, quote: GenerationQuote) -> Task:
+    """The payment's task: the existing one (a replay), else a new one, linked and queued."""
+    body = quote.body
+    task = await services.tasks.get(settled.payment_id)
+    if task is None:
+        image = quote.image
+        if image is None and body.templateData.image is not None:
+            try:
+                image = (await services.images.fetch(body.templateData.image)).data
+            except FetchError as exc:
+                # Paid, but the work cannot start: the money goes straight back.
+                await services.processor.refund(settled.payment_id)
+                raise BadRequest(
+                    f"image input refused: {exc.message}; the payment was refunded",
+                    reason="invalid_image",
+                ) from exc
+        try:
             task = await services.tasks.create(
                 GenerationRequest(
                     prompt=body.prompt,
@@ -77,18 +97,14 @@ async def create_generation(request: Request) -> Response:
                 payment_ref=settled.payment_id,
                 task_id=settled.payment_id,
             )
-            await services.processor.link_task(settled.payment_id, task.id)
-            services.task_started(task.id, settled.payer)
-            services.workers.submit(task.id)
-    services.creating.pop(settled.payment_id, None)
-    content: dict[str, Any] = {"taskId": task.id}
-    if body.webhook:
-        content["webhookSecret"] = services.webhook_secret(task.id)
-    return JSONResponse(
-        content,
-        status_code=202,
-        headers={**NO_STORE, "location": f"/generation/{task.id}/status"},
-    )
+        except TaskExists:  # another replica or request created it first: the same answer
+            existing = await services.tasks.get(settled.payment_id)
+            assert existing is not None
+            return existing
+        await services.processor.link_task(settled.payment_id, task.id)
+        services.task_started(task.id, settled.payer)
+        services.workers.submit(task.id)
+    return task
 
 
 async def _get_task(services: Services, task_id: str) -> Task | None:
@@ -168,7 +184,9 @@ async def healthz(request: Request) -> Response:
             await services.chain.chain_id()
         except Exception as exc:
             log.warning("health check: chain unreachable: %s", type(exc).__name__)
-            return problem_response(HTTPProblem("chain unreachable", reason="chain_unreachable"))
+            return problem_response(
+                ServiceUnavailable("chain unreachable", reason="chain_unreachable")
+            )
     return JSONResponse(body, headers=NO_STORE)
 
 

@@ -2,6 +2,7 @@
 
     GenerationError                  base of everything below
       TaskNotFound                   no task with that id
+      TaskExists                     a task with the id the caller chose already exists
       InvalidTransition              a state change the task lifecycle forbids
       BackendError                   .code: ErrorCode, .message: safe to show to the payer
         InvalidInput                 the request cannot be rendered (bad image, bad duration)
@@ -24,6 +25,7 @@ __all__ = [
     "GenerationError",
     "InvalidInput",
     "InvalidTransition",
+    "TaskExists",
     "TaskNotFound",
     "UnsafeAddress",
     "UpstreamError",
@@ -41,6 +43,12 @@ class TaskNotFound(GenerationError, KeyError):
 
     def __str__(self) -> str:
         return f"task {self.task_id!r} not found"
+
+
+class TaskExists(GenerationError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} already exists")
+        self.task_id = task_id
 
 
 class InvalidTransition(GenerationError):

@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 import aiosqlite
 
-from generation.errors import InvalidTransition, TaskNotFound
+from generation.errors import InvalidTransition, TaskExists, TaskNotFound
 from generation.models import (
     Clock,
     ErrorCode,
@@ -168,7 +168,26 @@ class SqliteTaskStore:
         now = self._clock()
         tid = task_id or self._id_factory()
         template_data = json.dumps(dict(request.template_data), separators=(",", ":"))
-        rows = await self._db.execute_fetchall(
+        try:
+            rows = await self._insert(tid, now, request, template_data, payment_ref, webhook_url)
+        except sqlite3.IntegrityError as exc:
+            if task_id is not None and await self.get(task_id) is not None:
+                raise TaskExists(task_id) from exc
+            raise
+        for row in rows:
+            return _row_to_task(row)
+        raise RuntimeError("INSERT ... RETURNING returned no row")
+
+    async def _insert(
+        self,
+        tid: str,
+        now: float,
+        request: GenerationRequest,
+        template_data: str,
+        payment_ref: str | None,
+        webhook_url: str | None,
+    ) -> Any:
+        return await self._db.execute_fetchall(
             "INSERT INTO tasks (id, state, progress, attempts, created_at, updated_at, prompt,"
             " model, duration, auto_enhance, template_data, image, payment_ref, webhook_url)"
             " VALUES (?, 'queued', 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
@@ -186,9 +205,6 @@ class SqliteTaskStore:
                 webhook_url,
             ),
         )
-        for row in rows:
-            return _row_to_task(row)
-        raise RuntimeError("INSERT ... RETURNING returned no row")
 
     async def get(self, task_id: str) -> Task | None:
         rows = await self._db.execute_fetchall("SELECT * FROM tasks WHERE id = ?", (task_id,))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from generation.errors import InvalidTransition, TaskNotFound
+from generation.errors import InvalidTransition, TaskExists, TaskNotFound
 from generation.models import ErrorCode, GenerationRequest, Stage, TaskResult, TaskState
 from generation.store import SqliteTaskStore
 
@@ -135,3 +135,12 @@ async def test_unfinished_tasks_survive_reopen(tmp_path: Path) -> None:
         assert [t.state for t in unfinished] == [TaskState.QUEUED, TaskState.PROCESSING]
         assert unfinished[1].progress == 30
         assert (await store.get(c.id)).state is TaskState.COMPLETED  # type: ignore[union-attr]
+
+
+async def test_a_chosen_task_id_is_taken_once(tmp_path: Path) -> None:
+    async with SqliteTaskStore(tmp_path / "t.db") as store:
+        request = GenerationRequest(prompt="p", model="local", duration=1)
+        first = await store.create(request, task_id="pay-1", payment_ref="pay-1")
+        with pytest.raises(TaskExists):
+            await store.create(request, task_id="pay-1", payment_ref="pay-1")
+        assert (await store.get("pay-1")) == first
