@@ -18,15 +18,25 @@ an authorization nonce, and the ledger refuses it before we spend gas on it.
 
 ``synchronous=FULL``: a row's ``submitted`` state (with the tx hash) is the only record that
 money may be moving. With ``NORMAL`` in WAL mode a power loss can drop the last commits; the
-transaction would still be mined and we would have lost the link between payment and tx. One
-fsync per transition is cheap next to a chain round trip.
+transaction would still be mined and we would have lost the link between payment and tx.
 
 Group commit: an fsync still costs milliseconds (3-7 ms on the benchmark VM's disk), and one
 connection runs one statement at a time, so concurrent payments queued behind each other's
 fsyncs. Every statement, read or write, is therefore queued and run by one committer task: it
 takes everything queued, runs it inside one ``BEGIN IMMEDIATE ... COMMIT`` and only then hands
-each caller its result. The guarantee is unchanged (a caller sees its change, or anything it
-read, only once it is durable), but N concurrent transitions share one fsync.
+each caller its result: a caller sees its change, or anything it read, only once it is
+committed, and N concurrent transitions share one fsync.
+
+Only the records made before a broadcast wait for their own fsync: ``mark_submitted`` and
+``mark_refund_submitted`` (and the rarer ``mark_failed``, ``release``, ...). ``reserve``,
+``mark_settled`` and ``link_task`` are committed without one (``synchronous=NORMAL`` for a batch
+holding nothing else). A crash of the process loses none of them (the commit is in the WAL). A
+power loss can drop them, but only the newest ones (the WAL reaches the disk in commit order,
+and the next durable commit takes them along), and the chain is the truth they are rebuilt
+from: a reserved row was never broadcast; a submitted row is settled from its receipt; a
+settled row without a task gets its task or a refund at start-up, exactly as for a task row
+lost from the task store (which runs ``synchronous=NORMAL`` itself). A paid request costs one
+fsync instead of four.
 """
 
 from __future__ import annotations
@@ -254,6 +264,7 @@ class _Statement:
     sql: str
     params: tuple[Any, ...]
     write: bool
+    durable: bool  # a write whose caller must not go on before it is on disk
     done: asyncio.Future[list[Any]]
 
 
@@ -274,6 +285,7 @@ class SqliteLedger:
         self._db: aiosqlite.Connection | None = None
         self._queued: list[_Statement] = []
         self._committer: asyncio.Task[None] | None = None
+        self._fsync = True  # the connection's synchronous mode: FULL (True) or NORMAL
 
     async def open(self) -> SqliteLedger:
         if self._db is not None:
@@ -317,11 +329,14 @@ class SqliteLedger:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def _run(self, sql: str, params: Iterable[Any], *, write: bool) -> list[Any]:
-        """Queue one statement for the committer; its rows once they are durable."""
+    async def _run(
+        self, sql: str, params: Iterable[Any], *, write: bool, durable: bool = True
+    ) -> list[Any]:
+        """Queue one statement for the committer; its rows once committed (and, when
+        ``durable``, on disk)."""
         db = self._conn()
         done: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Statement(sql, tuple(params), write, done))
+        self._queued.append(_Statement(sql, tuple(params), write, write and durable, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_queued(db))
         try:
@@ -335,13 +350,16 @@ class SqliteLedger:
             batch, self._queued = self._queued, []
             await self._commit(db, batch)
 
-    @staticmethod
-    async def _commit(db: aiosqlite.Connection, batch: list[_Statement]) -> None:
+    async def _commit(self, db: aiosqlite.Connection, batch: list[_Statement]) -> None:
         """Run ``batch`` in one transaction (none if it only reads), then answer every caller.
         A failing statement fails alone unless it took the transaction down with it."""
         writes = any(st.write for st in batch)
+        fsync = any(st.durable for st in batch)
         outcomes: list[list[Any] | sqlite3.Error] = []
         try:
+            if writes and fsync != self._fsync:
+                await db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+                self._fsync = fsync
             if writes:
                 await db.execute("BEGIN IMMEDIATE")
             for st in batch:
@@ -375,9 +393,13 @@ class SqliteLedger:
     async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[PaymentRecord]:
         return [_row_to_record(r) for r in await self._run(sql, params, write=False)]
 
-    async def _write(self, sql: str, params: Iterable[Any]) -> list[PaymentRecord]:
-        """One statement with RETURNING: the change is durable when this returns."""
-        return [_row_to_record(r) for r in await self._run(sql, params, write=True)]
+    async def _write(
+        self, sql: str, params: Iterable[Any], *, durable: bool = True
+    ) -> list[PaymentRecord]:
+        """One statement with RETURNING: the change is committed (and durable, unless the
+        caller knows a durable write of the same payment follows) when this returns."""
+        rows = await self._run(sql, params, write=True, durable=durable)
+        return [_row_to_record(r) for r in rows]
 
     async def _transition(
         self,
@@ -389,6 +411,7 @@ class SqliteLedger:
         *,
         idempotent: Callable[[PaymentRecord], bool] | None = None,
         also: str = "",
+        durable: bool = True,
     ) -> PaymentRecord:
         placeholders = ", ".join("?" for _ in allowed_from)
         sql = (
@@ -396,7 +419,9 @@ class SqliteLedger:
             f"WHERE id = ? AND state IN ({placeholders}){also} RETURNING {_COLUMNS}"
         )
         rows = await self._write(
-            sql, [*params, self._now_ms(), payment_id, *(s.value for s in allowed_from)]
+            sql,
+            [*params, self._now_ms(), payment_id, *(s.value for s in allowed_from)],
+            durable=durable,
         )
         if rows:
             return rows[0]
@@ -432,6 +457,7 @@ class SqliteLedger:
                     now,
                     now,
                 ),
+                durable=False,  # mark_submitted (durable) comes before anything is broadcast
             )
             if rows:
                 return rows[0], True
@@ -474,6 +500,7 @@ class SqliteLedger:
                 "UPDATE payments SET state = ?, updated_at_ms = ? "  # noqa: S608
                 f"WHERE id = ? AND state = ? AND tx_hash IS NOT NULL RETURNING {_COLUMNS}",
                 (_S.SETTLED.value, self._now_ms(), payment_id, _S.SUBMITTED.value),
+                durable=False,  # see the module docstring: the submitted row is the safety net
             )
             if rows:
                 return rows[0]
@@ -488,6 +515,7 @@ class SqliteLedger:
             "state = ?, tx_hash = ?",
             (_S.SETTLED.value, tx_hash),
             idempotent=lambda r: r.state is _S.SETTLED and r.tx_hash == tx_hash,
+            durable=False,
         )
 
     async def mark_failed(self, payment_id: str, reason: str) -> PaymentRecord:
@@ -521,6 +549,7 @@ class SqliteLedger:
             (task_id,),
             idempotent=lambda r: r.task_id == task_id,
             also=" AND task_id IS NULL",
+            durable=False,
         )
 
     async def mark_refund_submitted(

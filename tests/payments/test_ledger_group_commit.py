@@ -14,7 +14,7 @@ import pytest
 from payments.errors import InfrastructureError
 from payments.ledger import PaymentState, SqliteLedger
 
-from .test_ledger import TX_A, new_payment
+from .test_ledger import TX_A, TX_B, new_payment
 
 
 @pytest.fixture
@@ -60,3 +60,24 @@ async def test_reads_alone_need_no_transaction(ledger: SqliteLedger) -> None:
     await asyncio.gather(*(ledger.get(row.id) for _ in range(5)), ledger.pending())
     assert "COMMIT" not in statements and "BEGIN IMMEDIATE" not in statements
     assert await ledger.get_by_key(8453, row.asset, row.payer, os.urandom(32)) is None
+
+
+async def test_only_the_record_before_a_broadcast_waits_for_its_fsync(
+    ledger: SqliteLedger,
+) -> None:
+    statements = await _count_commits(ledger)
+
+    def mode_of_last_commit() -> str:
+        pragmas = [s for s in statements if s.startswith("PRAGMA synchronous")]
+        return pragmas[-1].split("=")[1] if pragmas else "FULL"  # the connection starts FULL
+
+    row, _ = await ledger.reserve(new_payment())
+    assert mode_of_last_commit() == "NORMAL"  # the reservation alone: no fsync of its own
+    await ledger.mark_submitted(row.id, TX_A)
+    assert mode_of_last_commit() == "FULL"  # the record before the broadcast
+    await ledger.mark_settled(row.id)
+    assert mode_of_last_commit() == "NORMAL"
+    await ledger.link_task(row.id, "task-1")
+    assert mode_of_last_commit() == "NORMAL"
+    await ledger.mark_refund_submitted(row.id, TX_B)
+    assert mode_of_last_commit() == "FULL"  # the record before the refund's broadcast
