@@ -78,9 +78,9 @@ def _retried(method: str) -> bool:
 
 
 # The receipt poll starts fast (Anvil mines on send) and backs off towards one poll per 100 ms.
-_POLL_FIRST_S: Final = 0.005
+_POLL_FIRST_S: Final = 0.001
 _POLL_MAX_S: Final = 0.1
-_POLL_GROWTH: Final = 1.5
+_POLL_GROWTH: Final = 2.0
 
 
 class RpcError(InfrastructureError):
