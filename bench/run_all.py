@@ -281,6 +281,7 @@ async def bench_paid(
                 assert answer.status == 202, (answer.status, answer.body[:300])
             amount = int(json.loads(base64.b64decode(header))["accepts"][0]["amount"])
 
+            profiler = _start_profiler(pid, f"{kind}-c{concurrency}-rows{ledger_rows}", seconds)
             stop = asyncio.Event()
             health = loadgen.build_request("GET", host, "/healthz")
             probe = asyncio.create_task(loadgen.probe(port, health, stop))
@@ -294,6 +295,8 @@ async def bench_paid(
             free = await probe
             peak_rss = await rss
             hwm = _proc_status(pid, "VmHWM")
+            if profiler is not None:
+                profiler.wait(timeout=60)
         received = chain.usdc_balance(settler.address)
         expected = (run.ok + warmup) * amount
         if received != expected:
@@ -312,6 +315,34 @@ async def bench_paid(
         "server_rss_mb": round(peak_rss / 2**20, 1),
         "server_peak_rss_mb": round(hwm / 2**20, 1),
     }
+
+
+PROFILE_DIR: Path | None = None  # --profile: py-spy flame graphs of the servers under paid load
+
+
+def _start_profiler(pid: int, name: str, seconds: float) -> subprocess.Popen[bytes] | None:
+    if PROFILE_DIR is None:
+        return None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, int(seconds))),
+            "--rate",
+            "250",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--output",
+            str(PROFILE_DIR / f"{name}.txt"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 # -- 3. verification -------------------------------------------------------------------------
@@ -535,7 +566,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--profile", type=Path, help="write py-spy flame graphs of paid runs here")
     args = parser.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     parts = set(args.only.split(","))
     if unknown := parts - set(PARTS):
         parser.error(f"unknown parts: {sorted(unknown)}")
