@@ -59,17 +59,25 @@ class InProcessGateway:
     pay_to: str
     settings: Settings
     server: ServerThread
+    settler: Key
 
     def stop(self) -> None:
         self.server.stop()
 
 
 def start_inprocess(
-    local_chain: Any, tmp: Path, *, rpc_url: str | None = None, **overrides: Any
+    local_chain: Any,
+    tmp: Path,
+    *,
+    rpc_url: str | None = None,
+    settler: Key | None = None,
+    port: int | None = None,
+    **overrides: Any,
 ) -> InProcessGateway:
-    """A real gateway on a free port. Private URLs are refused unless `overrides` allow them."""
-    settler = funded_settler(local_chain)
-    port = free_port()
+    """A real gateway on a free port. Private URLs are refused unless `overrides` allow them.
+    Pass the `settler` (and `port`) of an earlier one to restart it on the same database."""
+    settler = settler or funded_settler(local_chain)
+    port = port or free_port()
     values: dict[str, Any] = {
         "rpc_url": rpc_url or local_chain.rpc_url,
         "settler_key": SecretStr(settler.key),
@@ -82,7 +90,7 @@ def start_inprocess(
     settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
     server = ServerThread(create_app(settings), port).start()
     return InProcessGateway(
-        url=server.url, pay_to=settler.address, settings=settings, server=server
+        url=server.url, pay_to=settler.address, settings=settings, server=server, settler=settler
     )
 
 
