@@ -8,14 +8,13 @@ is added to the response by wrapping `send`; the response body is never buffered
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from starlette.datastructures import Headers
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import (
@@ -130,7 +129,7 @@ class PaymentMiddleware:
             await problem_response(problem)(scope, receive, send)
 
     async def _handle(self, route: PricedRoute, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
+        headers = _RequestHeaders(scope)
         body = await self._read_body(headers, receive)
         if body is None:
             return  # the client went away
@@ -138,7 +137,7 @@ class PaymentMiddleware:
         resource = self.resource_url(scope)
         offered = route.requirements(quote, resource)
 
-        header_name, header_value = _payment_header(headers)
+        header_name, header_value = headers.payment()
         if header_value is None:
             if self.challenge_limit is not None:
                 wait = self.challenge_limit.take(_client_ip(scope))
@@ -203,8 +202,8 @@ class PaymentMiddleware:
                 # Paid but not accepted: the hook refunds. Never keep money for no work.
                 await self.on_unaccepted(scope, paid)
 
-    async def _read_body(self, headers: Headers, receive: Receive) -> bytes | None:
-        declared = headers.get("content-length")
+    async def _read_body(self, headers: _RequestHeaders, receive: Receive) -> bytes | None:
+        declared = headers.content_length
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(f"request body above {self.max_body_bytes} bytes")
         chunks: list[bytes] = []
@@ -235,13 +234,21 @@ class PaymentMiddleware:
         body = challenge.body
         if detail:
             body = _json_bytes({**challenge.body_json(), "detail": detail})
-        response = Response(
-            content=body,
-            status_code=402,
-            media_type="application/json",
-            headers={"payment-required": challenge.header, "cache-control": "no-store"},
+        # Raw ASGI messages with the header bytes encoded once per challenge: this is the
+        # whole cost of an unpaid request beyond the quote, so no Response object per request.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 402,
+                "headers": [
+                    (b"content-length", str(len(body)).encode("latin-1")),
+                    (b"content-type", b"application/json"),
+                    (b"payment-required", _header_bytes(challenge.header)),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
         )
-        await response(scope, receive, send)
+        await send({"type": "http.response.body", "body": body})
 
 
 def _client_ip(scope: Scope) -> str:
@@ -253,11 +260,35 @@ def _rate_limited(wait: float, message: str) -> HTTPProblem:
     return TooManyRequests(message, retry_after=TokenBuckets.retry_after(wait))
 
 
-def _payment_header(headers: Headers) -> tuple[str, str | None]:
-    value = headers.get(V2_HEADER)
-    if value is not None:
-        return V2_HEADER, value
-    return V1_HEADER, headers.get(V1_HEADER)
+class _RequestHeaders:
+    """The three request headers the paywall reads, found in one pass over the raw list (the
+    first occurrence wins, as with Starlette's `Headers.get`)."""
+
+    __slots__ = ("content_length", "v1", "v2")
+
+    def __init__(self, scope: Scope) -> None:
+        self.content_length: str | None = None
+        self.v2: str | None = None
+        self.v1: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if self.content_length is None:
+                    self.content_length = value.decode("latin-1")
+            elif name == b"payment-signature":
+                if self.v2 is None:
+                    self.v2 = value.decode("latin-1")
+            elif name == b"x-payment" and self.v1 is None:
+                self.v1 = value.decode("latin-1")
+
+    def payment(self) -> tuple[str, str | None]:
+        if self.v2 is not None:
+            return V2_HEADER, self.v2
+        return V1_HEADER, self.v1
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_bytes(value: str) -> bytes:
+    return value.encode("latin-1")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
