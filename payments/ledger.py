@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 import uuid
@@ -230,8 +231,10 @@ _PENDING_WHERE = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _key_address(address: str) -> str:
     # One spelling per address (EIP-55) so the unique key cannot be dodged by changing case.
+    # Cached: payers, payees and the asset repeat, and EIP-55 costs a keccak each time.
     if len(address) != 42 or not address.startswith("0x"):
         raise ValueError(f"not an address: {address!r}")
     return to_checksum_address(address)
