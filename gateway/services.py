@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from gateway.errors import BadRequest, TooManyRequests
+from gateway.faults import checkpoint_for
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
@@ -169,8 +170,14 @@ async def open_services(
         ledger = await SqliteLedger(settings.database).open()
         stack.push_async_callback(ledger.close)
         settler = Settler(chain, settler_key)
+        checkpoint = checkpoint_for(settings)  # a no-op unless dev-mode fault injection is on
         processor = PaymentProcessor(
-            chain, settler, ledger, clock, settle_margin_s=settings.settle_margin_seconds
+            chain,
+            settler,
+            ledger,
+            clock,
+            settle_margin_s=settings.settle_margin_seconds,
+            checkpoint=checkpoint,
         )
         tasks = await SqliteTaskStore(settings.database).open()
         stack.push_async_callback(tasks.close)
@@ -211,6 +218,7 @@ async def open_services(
             media,
             concurrency=settings.worker_concurrency,
             task_timeout=float(settings.task_timeout_seconds),
+            checkpoint=checkpoint,
         )
         images = ImageFetcher(policy=policy)
         stack.push_async_callback(images.aclose)

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[Task], Awaitable[None] | None]
 
+
+def _no_checkpoint(name: str) -> None:
+    """Fault-injection hook (tests kill the process at named steps); a no-op in production."""
+
+
 _STATE_RANK = {
     TaskState.QUEUED: 0,
     TaskState.PROCESSING: 1,
@@ -51,6 +56,7 @@ class WorkerPool:
         task_timeout: float = 300.0,
         max_attempts: int = 3,
         listener_grace: float = 30.0,
+        checkpoint: Callable[[str], None] = _no_checkpoint,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -61,6 +67,7 @@ class WorkerPool:
         self._task_timeout = task_timeout
         self._max_attempts = max_attempts
         self._listener_grace = listener_grace
+        self._checkpoint = checkpoint
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._pending: set[str] = set()  # submitted to this pool and not finished
         self._consumers: list[asyncio.Task[None]] = []
@@ -227,6 +234,7 @@ class WorkerPool:
         sink = _ProgressSink(self._store, task_id, self._publish)
         try:
             out_dir = self._media.task_dir(task_id)
+            self._checkpoint("mid_render")
             async with asyncio.timeout(self._task_timeout):
                 rendered = await self._backend.render(task.request, out_dir, sink.report)
         except asyncio.CancelledError:

@@ -124,6 +124,10 @@ class ReconcileReport:
     unresolved: list[str] = field(default_factory=list)  # still pending on chain; retry later
 
 
+def _no_checkpoint(name: str) -> None:
+    """Fault-injection hook (tests kill the process at named steps); a no-op in production."""
+
+
 def _key(auth: Authorization, chain_id: int, asset: str) -> _Key:
     return (chain_id, asset, auth.from_, auth.nonce)
 
@@ -138,6 +142,7 @@ class PaymentProcessor:
         *,
         settle_margin_s: int = DEFAULT_SETTLE_MARGIN_S,
         log_lookback_blocks: int = 50_000,
+        checkpoint: Callable[[str], None] = _no_checkpoint,
     ) -> None:
         self._chain = chain
         self._settler = settler
@@ -145,6 +150,7 @@ class PaymentProcessor:
         self._clock = clock
         self._settle_margin_s = settle_margin_s
         self._lookback = log_lookback_blocks
+        self._checkpoint = checkpoint
         self._inflight: dict[_Key, asyncio.Task[Settled]] = {}
         self._refund_locks: dict[str, asyncio.Lock] = {}
         self._chain_id: int | None = None
@@ -343,6 +349,7 @@ class PaymentProcessor:
         if not created:
             return await self._outcome(row, payment)
         payment_id = row.id
+        self._checkpoint("after_reserve")
 
         async def record(tx_hash: str) -> None:
             await self._ledger.mark_submitted(payment_id, tx_hash)
@@ -363,6 +370,7 @@ class PaymentProcessor:
             if isinstance(exc, InfrastructureError):
                 raise
             raise InfrastructureError(f"could not submit the settlement: {exc}") from exc
+        self._checkpoint("after_send")
         log.info(
             "settlement submitted payment=%s payer=%s amount=%d tx=%s",
             payment_id,
@@ -382,6 +390,7 @@ class PaymentProcessor:
         else:
             row = await self._ledger.mark_settled(payment_id)
         log.info("settled payment=%s tx=%s", payment_id, row.tx_hash)
+        self._checkpoint("after_receipt_before_task")
         return self._settled(row, payment, replay=False)
 
     async def _release_quietly(self, payment_id: str) -> None:
@@ -573,6 +582,7 @@ class PaymentProcessor:
                 except (LedgerError, InfrastructureError) as exc:
                     log.warning("could not abandon refund payment=%s: %s", row.id, exc)
             raise
+        self._checkpoint("mid_refund")
         log.info(
             "refund submitted payment=%s payer=%s amount=%d tx=%s",
             row.id,
