@@ -504,18 +504,12 @@ def test_headers_probe_deep_nesting_and_bodies(
     facts.record("inputs", suite="hostile bodies", target="gateway", count=len(bodies), crashes=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "KNOWN BUG (gateway/quoting.py): py_ecc raises the recursion limit to 100000 at import, "
-        "so json.loads of a ~200 KB body of nested brackets overflows the C stack: SIGSEGV "
-        "kills the gateway. Fix: scan the nesting depth before json.loads."
-    ),
-)
 def test_deeply_nested_body_does_not_kill_the_gateway(
     local_chain: Any, tmp_path: Path, facts: Recorder
 ) -> None:
-    # A subprocess: if the bug is there, it must not take the test runner down with it.
+    # Regression test for a SIGSEGV: py_ecc raises the recursion limit to 100000 at import, and
+    # json.loads of a deep document then overflowed the C stack. In a subprocess, so that a
+    # regression cannot take the test runner down with it.
     gw = gateway_process(local_chain, tmp_path)
     gw.start().wait_up()
     try:
