@@ -234,7 +234,7 @@ async def test_image_redirect_to_loopback_is_refused_and_refunded(
     facts.record(
         "ssrf_redirect",
         input="image",
-        refused="after payment",
+        refused="refused after payment (the hop is only seen when fetching)",
         refunded=amount,
         leaks=len(trap.hits),
     )
@@ -268,4 +268,6 @@ async def test_webhook_never_follows_a_redirect(
     await asyncio.sleep(0.3)
     assert redirector.hits and all(h == "POST /redirect" for h in redirector.hits)
     assert trap.hits == []
-    facts.record("ssrf_redirect", input="webhook", refused="not followed", leaks=len(trap.hits))
+    facts.record(
+        "ssrf_redirect", input="webhook", refused="redirect not followed", leaks=len(trap.hits)
+    )
