@@ -226,6 +226,25 @@ def _topic_address(topic: str) -> str:
     return normalize_address("0x" + topic[-40:])
 
 
+def _result(method: str, response: object) -> Any:
+    """The result of one JSON-RPC answer; RpcError for an error object."""
+    if not isinstance(response, dict):
+        raise InfrastructureError(f"{method}: malformed RPC response")
+    error = response.get("error")
+    if error is not None:
+        if isinstance(error, dict):
+            raise RpcError(
+                method,
+                int(error.get("code", 0) or 0),
+                str(error.get("message", "")),
+                error.get("data"),
+            )
+        raise RpcError(method, 0, str(error))
+    if "result" not in response:
+        raise InfrastructureError(f"{method}: RPC response without result")
+    return response["result"]
+
+
 class Chain:
     """Async chain adapter for one token on one network. Create once per process; ``open()`` in
     the application's lifespan, ``close()`` on shutdown."""
@@ -259,6 +278,7 @@ class Chain:
         self._session: aiohttp.ClientSession | None = None
         self._chain_id: int | None = None
         self._receipt_lag = 0.0  # moving average: seconds from wait_receipt to its receipt
+        self._batches = True  # JSON-RPC batches accepted (until the node refuses one)
 
     async def open(self) -> Chain:
         """Give the provider a pooled keep-alive session (web3 closes each connection)."""
@@ -286,16 +306,13 @@ class Chain:
 
     # -- transport ---------------------------------------------------------------------------
 
-    async def rpc(self, method: str, params: Sequence[Any]) -> Any:
-        """One JSON-RPC call. Transport trouble -> InfrastructureError; error object -> RpcError."""
+    async def _post(self, method: str, request: object, *, attempts: int) -> Any:
+        """POST one JSON-RPC request (or batch); the decoded answer. Transport trouble ->
+        InfrastructureError, after ``attempts`` tries."""
         if self._session is None or self._session.closed:
             await self.open()
         assert self._session is not None
-        body = json.dumps(
-            {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": list(params)},
-            separators=(",", ":"),
-        ).encode()
-        attempts = self._attempts if _retried(method) else 1
+        body = json.dumps(request, separators=(",", ":")).encode()
         for attempt in range(attempts):
             try:
                 async with self._session.post(
@@ -313,24 +330,22 @@ class Chain:
                     f"{method}: RPC unreachable ({type(exc).__name__})"
                 ) from exc
         try:
-            response = json.loads(raw)
+            return json.loads(raw)
         except ValueError as exc:  # not JSON
             raise InfrastructureError(f"{method}: RPC answered garbage") from exc
-        if not isinstance(response, dict):
-            raise InfrastructureError(f"{method}: malformed RPC response")
-        error = response.get("error")
-        if error is not None:
-            if isinstance(error, dict):
-                raise RpcError(
-                    method,
-                    int(error.get("code", 0) or 0),
-                    str(error.get("message", "")),
-                    error.get("data"),
-                )
-            raise RpcError(method, 0, str(error))
-        if "result" not in response:
-            raise InfrastructureError(f"{method}: RPC response without result")
-        return response["result"]
+
+    async def rpc(self, method: str, params: Sequence[Any]) -> Any:
+        """One JSON-RPC call. Transport trouble -> InfrastructureError; error object -> RpcError."""
+        request = {
+            "jsonrpc": "2.0",
+            "id": next(self._ids),
+            "method": method,
+            "params": list(params),
+        }
+        response = await self._post(
+            method, request, attempts=self._attempts if _retried(method) else 1
+        )
+        return _result(method, response)
 
     async def _call(self, to: str, data: bytes, *, sender: str | None = None) -> bytes:
         tx: dict[str, str] = {"to": to, "data": "0x" + data.hex()}
@@ -433,6 +448,42 @@ class Chain:
         """Broadcast a signed transaction. Raises RpcError when the node refuses it."""
         result = await self.rpc("eth_sendRawTransaction", ["0x" + raw_tx.hex()])
         return str(result)
+
+    async def send_raw_many(self, raw_txs: Sequence[bytes]) -> list[str | RpcError]:
+        """Broadcast signed transactions in ONE JSON-RPC batch, in order (a node runs a batch's
+        calls in sequence), so N consecutive nonces cost one round trip. Per transaction: its
+        hash, or the RpcError the node answered. InfrastructureError when the transport failed
+        (then each may or may not have been broadcast)."""
+        if len(raw_txs) == 1 or not self._batches:
+            outcomes: list[str | RpcError] = []
+            for raw in raw_txs:
+                try:
+                    outcomes.append(await self.send_raw(raw))
+                except RpcError as exc:
+                    outcomes.append(exc)
+            return outcomes
+        method = "eth_sendRawTransaction"
+        first = next(self._ids)
+        request = [
+            {"jsonrpc": "2.0", "id": first + i, "method": method, "params": ["0x" + raw.hex()]}
+            for i, raw in enumerate(raw_txs)
+        ]
+        for _ in raw_txs[1:]:
+            next(self._ids)
+        answer = await self._post(method, request, attempts=1)
+        if not isinstance(answer, list):  # a node without batches refused the whole request
+            self._batches = False
+            return await self.send_raw_many(raw_txs)
+        by_id = {item.get("id"): item for item in answer if isinstance(item, dict)}
+        out: list[str | RpcError] = []
+        for i in range(len(raw_txs)):
+            try:
+                out.append(str(_result(method, by_id.get(first + i))))
+            except RpcError as exc:
+                out.append(exc)
+            except InfrastructureError as exc:  # no answer for it: fate unknown
+                raise InfrastructureError(f"{method}: incomplete batch answer") from exc
+        return out
 
     async def transaction_known(self, tx_hash: str) -> bool:
         """Does the node know the tx (pending or mined)? Distinguishes 'refused' from 'sent'."""

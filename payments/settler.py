@@ -3,13 +3,13 @@
 Nonce manager with pipelined sends: concurrent ``submit``/``refund`` calls queue up, and one
 sender task drains the queue in batches under one ``asyncio.Lock``: it gives the batch
 consecutive nonces, signs every transaction, runs every ``before_send`` at once (the caller
-persists the tx hash; the ledger commits them together) and then broadcasts them one by one in
-nonce order. Settlements therefore never collide, a payment costs one RPC round trip of the
-serial section instead of a sign + durable write + round trip, and a failure is still simple:
-the batch stops at the first send that did not go through, the next nonce is resynced from the
-node's ``pending`` count, and the transactions after it are re-signed (``before_send`` runs
-again with the new hash) in the next batch. A refused send never leaves a nonce gap that would
-strand later transactions.
+persists the tx hash; the ledger commits them together) and then broadcasts the whole batch in
+ONE JSON-RPC batch request, in nonce order. Settlements therefore never collide, and a batch
+costs one signing pass, one durable write and one round trip. After any send that did not go
+out, the next nonce is resynced from the node's ``pending`` count, which stops at that nonce;
+the transactions after it are already out, queued behind it, and get mined as soon as the next
+transaction fills it (a retried one, the next payment, or a 0-value transfer to ourselves when
+nothing else is waiting). A transaction is never re-signed once it may have gone out.
 
 Send outcomes (the processor relies on the distinction):
 - returns the tx hash: the node accepted it (or already had it);
@@ -239,41 +239,56 @@ class Settler:
         recorded = await asyncio.gather(
             *(_record(item, tx_hash) for item, tx_hash, _ in signed), return_exceptions=True
         )
-        for index, outcome in enumerate(recorded):
-            if isinstance(outcome, BaseException):  # nothing sent for it; nonce not consumed
-                batch[index].fail(outcome)
+        for index, record_error in enumerate(recorded):
+            if isinstance(record_error, BaseException):  # nothing sent; nonce not consumed
+                batch[index].fail(record_error)
                 return [*batch[:index], *batch[index + 1 :]]  # same hashes would leave a gap
 
-        for index, (item, tx_hash, raw) in enumerate(signed):
-            later = list(batch[index + 1 :])
-            try:
-                await self._chain.send_raw(raw)
-            except RpcError as exc:
-                if not _already_known(exc.message):
-                    try:
-                        known = await self._known(tx_hash)
-                    except SendUncertain as uncertain:
-                        self._nonce = None
-                        item.fail(uncertain)
-                        return later
-                    if not known:
-                        self._nonce = None
-                        item.last_error = exc.message
-                        if _fee_error(exc.message):
-                            self._gas_price = None
-                        if _fee_error(exc.message) or _nonce_error(exc.message):
-                            item.attempts += 1
-                            return [item, *later]
-                        item.fail(SendRejected(f"node refused the transaction: {exc.message}"))
-                        return later
-            except InfrastructureError as exc:
-                self._nonce = None
+        try:
+            outcomes = await self._chain.send_raw_many([raw for _, _, raw in signed])
+        except InfrastructureError as exc:  # transport: each may or may not have gone out
+            self._nonce = None
+            for item, tx_hash, _ in signed:
                 item.fail(SendUncertain(tx_hash, str(exc)))
-                return later
-            self._nonce = first + index + 1
+            return []
+        retry: list[_Outgoing] = []
+        gap = False  # a nonce that did not go out, below one that did
+        for (item, tx_hash, _), sent in zip(signed, outcomes, strict=True):
+            if isinstance(sent, RpcError) and not _already_known(sent.message):
+                try:
+                    known = await self._known(tx_hash)
+                except SendUncertain as uncertain:
+                    item.fail(uncertain)
+                    gap = True
+                    continue
+                if not known:
+                    gap = True
+                    item.last_error = sent.message
+                    if _fee_error(sent.message):
+                        self._gas_price = None
+                    if _fee_error(sent.message) or _nonce_error(sent.message):
+                        item.attempts += 1
+                        retry.append(item)
+                    else:
+                        item.fail(SendRejected(f"node refused the transaction: {sent.message}"))
+                    continue
             if not item.done.done():
                 item.done.set_result(tx_hash)
-        return []
+        if not gap:
+            self._nonce = first + len(signed)
+            return []
+        # Resync: the node's pending count stops at the first nonce that did not go out, and
+        # the next transaction sent fills it, so the ones after it (already out) get mined.
+        self._nonce = None
+        if not retry and not self._queue:
+            retry.append(self._filler())
+        return retry
+
+    def _filler(self) -> _Outgoing:
+        """A 0-value transfer to ourselves: fills a nonce gap when nothing else is waiting."""
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return _Outgoing(self.address, b"", 21_000, None, done)
 
     async def _known(self, tx_hash: str) -> bool:
         try:

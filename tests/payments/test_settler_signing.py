@@ -4,15 +4,15 @@ what eth-account produces for the same transaction (both use RFC 6979 determinis
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from eth_account import Account
 
-from payments.chain import Chain
+from payments.chain import Chain, RpcError
 from payments.eip3009 import sign_authorization
 from payments.networks import BASE
-from payments.settler import Settler, _rlp
+from payments.settler import SendRejected, Settler, _rlp
 
 from .conftest import USDC, Payer, authorization, requirement
 
@@ -97,3 +97,40 @@ async def test_a_failed_record_in_a_batch_leaves_no_nonce_gap(
     assert not await chain.transaction_known(recorded[2][-1])
     balances = [await chain.balance_of(p.address) for p in payers]
     assert balances == [USDC - 1_000 if i != 2 else USDC for i in range(8)]
+
+
+@pytest.mark.chain
+async def test_a_refusal_inside_a_batch_leaves_no_stuck_transactions(
+    chain: Chain, settler: Settler, make_payer: Callable[..., Payer]
+) -> None:
+    """The node refuses the 2nd transaction of a batch while the later ones are already out,
+    queued behind its nonce: the refused payment gets SendRejected, the later ones are mined
+    once the settler fills the gap (nothing else is waiting, so with a 0-value transfer)."""
+    payers = [make_payer(usdc=USDC) for _ in range(6)]
+    req = requirement(settler.address, amount=1_000)
+    real = chain.send_raw_many
+
+    async def refuse_second(raws: Sequence[bytes]) -> list[str | RpcError]:
+        if len(raws) < 3:
+            return await real(raws)
+        refused = RpcError("eth_sendRawTransaction", -32000, "refused for the test")
+        return [*await real(raws[:1]), refused, *await real(raws[2:])]
+
+    chain.send_raw_many = refuse_second  # type: ignore[method-assign]
+    try:
+
+        async def one(payer: Payer) -> str:
+            auth = authorization(payer, req)
+            tx = await settler.submit(auth, sign_authorization(payer.key, BASE.token_domain, auth))
+            await settler.confirm(
+                tx, payer=payer.address, pay_to=settler.address, amount=1_000, timeout_s=10
+            )
+            return tx
+
+        outcomes = await asyncio.gather(*(one(p) for p in payers), return_exceptions=True)
+    finally:
+        del chain.send_raw_many
+    assert isinstance(outcomes[1], SendRejected)
+    assert all(isinstance(o, str) for i, o in enumerate(outcomes) if i != 1)
+    balances = [await chain.balance_of(p.address) for p in payers]
+    assert balances == [USDC if i == 1 else USDC - 1_000 for i in range(6)]
