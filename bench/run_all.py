@@ -261,6 +261,8 @@ async def bench_paid(
         settler = new_account()
         fund_eth(chain, settler.address)
         funded = fund_payers(chain, payers, 100_000 * USDC)
+        chain_pid = chain.pid
+        assert chain_pid is not None
         if ledger_rows:
             await _create_schema(tmp / "gateway.db")
             _fill(tmp / "gateway.db", ledger_rows)
@@ -286,11 +288,13 @@ async def bench_paid(
             health = loadgen.build_request("GET", host, "/healthz")
             probe = asyncio.create_task(loadgen.probe(port, health, stop))
             rss = asyncio.create_task(_sample_rss(pid, stop))
-            cpu0 = _cpu_seconds(pid)
+            cpu0, anvil0, here0 = _cpu_seconds(pid), _cpu_seconds(chain_pid), time.process_time()
             run = await loadgen.closed_loop(
                 port, iter(raws[warmup:]), concurrency=concurrency, seconds=seconds, expect=202
             )
             cpu = _cpu_seconds(pid) - cpu0
+            anvil_cpu = _cpu_seconds(chain_pid) - anvil0
+            here_cpu = time.process_time() - here0
             stop.set()
             free = await probe
             peak_rss = await rss
@@ -312,12 +316,14 @@ async def bench_paid(
         **_latency(run.latencies),
         "free_request_under_load": _latency(free),
         "server_cpu_ms_per_paid": round(cpu * 1000 / max(1, run.ok), 2),
+        "anvil_cpu_ms_per_paid": round(anvil_cpu * 1000 / max(1, run.ok), 2),
+        "client_cpu_ms_per_paid": round(here_cpu * 1000 / max(1, run.ok), 2),
         "server_rss_mb": round(peak_rss / 2**20, 1),
         "server_peak_rss_mb": round(hwm / 2**20, 1),
     }
 
 
-PROFILE_DIR: Path | None = None  # --profile: py-spy flame graphs of the servers under paid load
+PROFILE_DIR: Path | None = None  # --profile: py-spy raw stacks of the servers under paid load
 
 
 def _start_profiler(pid: int, name: str, seconds: float) -> subprocess.Popen[bytes] | None:
@@ -326,7 +332,7 @@ def _start_profiler(pid: int, name: str, seconds: float) -> subprocess.Popen[byt
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [
-            "py-spy",
+            str(Path(sys.executable).with_name("py-spy")),
             "record",
             "--pid",
             str(pid),
@@ -566,7 +572,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter runs (a smoke test)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {PARTS}")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json")
-    parser.add_argument("--profile", type=Path, help="write py-spy flame graphs of paid runs here")
+    parser.add_argument("--profile", type=Path, help="py-spy raw stacks of each paid run")
     args = parser.parse_args()
     global PROFILE_DIR
     PROFILE_DIR = args.profile
