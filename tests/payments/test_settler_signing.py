@@ -1,4 +1,4 @@
-"""The settler signs its transactions itself (RLP + libsecp256k1); the bytes must be exactly
+"""The settler signs its transactions itself (pyrlp + libsecp256k1); the bytes must be exactly
 what eth-account produces for the same transaction (both use RFC 6979 deterministic nonces)."""
 
 from __future__ import annotations
@@ -12,23 +12,9 @@ from eth_account import Account
 from payments.chain import Chain, RpcError
 from payments.eip3009 import sign_authorization
 from payments.networks import BASE
-from payments.settler import SendRejected, Settler, _rlp
+from payments.settler import SendRejected, Settler
 
 from .conftest import USDC, Payer, authorization, requirement
-
-
-def test_rlp_vectors() -> None:
-    # from the Ethereum wiki's RLP examples
-    assert _rlp(b"dog") == b"\x83dog"
-    assert _rlp([b"cat", b"dog"]) == b"\xc8\x83cat\x83dog"
-    assert _rlp(b"") == b"\x80"
-    assert _rlp([]) == b"\xc0"
-    assert _rlp(0) == b"\x80"
-    assert _rlp(15) == b"\x0f"
-    assert _rlp(1024) == b"\x82\x04\x00"
-    assert _rlp([[], [[]], [[], [[]]]]) == bytes.fromhex("c7c0c1c0c3c0c1c0")
-    long = b"Lorem ipsum dolor sit amet, consectetur adipisicing elit"
-    assert _rlp(long) == b"\xb8\x38" + long
 
 
 def test_signed_transaction_matches_eth_account() -> None:
