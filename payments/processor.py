@@ -121,6 +121,7 @@ class ReconcileReport:
     failed: list[str] = field(default_factory=list)
     refunded: list[str] = field(default_factory=list)
     needs_task: list[str] = field(default_factory=list)  # settled, no task: run it or refund
+    released: list[str] = field(default_factory=list)  # reserved, never sent: free to retry
     unresolved: list[str] = field(default_factory=list)  # still pending on chain; retry later
 
 
@@ -507,6 +508,11 @@ class PaymentProcessor:
             if settled is not None:
                 report.settled.append(row.id)
                 report.needs_task.append(row.id)
+            elif used is None:
+                # Unused on chain and never broadcast: forget the reservation, so the payer's
+                # retry of the same header settles normally instead of being refused.
+                await self._ledger.release(row.id)
+                report.released.append(row.id)
             else:
                 await self._ledger.mark_failed(row.id, reasons.UNEXPECTED_SETTLE_ERROR)
                 report.failed.append(row.id)
