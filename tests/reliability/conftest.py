@@ -55,8 +55,11 @@ def _lookup_allowed(host: object) -> bool:
     return True
 
 
+_WATCHED = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo"})
+
+
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not _NET_GUARD["on"]:
+    if event not in _WATCHED or not _NET_GUARD["on"]:
         return
     if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
         address = args[1] if len(args) > 1 else None
@@ -68,11 +71,15 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         raise socket.gaierror(socket.EAI_NONAME, f"net guard: {args[0]!r} not resolved")
 
 
-sys.addaudithook(_audit)
+@pytest.fixture(scope="session")
+def _net_guard_installed() -> None:
+    # Installed when the first reliability test starts, not at import: an audit hook cannot be
+    # removed, and even idle it costs every audited event of the process a Python call.
+    sys.addaudithook(_audit)
 
 
 @pytest.fixture(autouse=True)
-def loopback_only() -> Iterator[None]:
+def loopback_only(_net_guard_installed: None) -> Iterator[None]:
     _NET_GUARD["violations"] = []
     _NET_GUARD["on"] = True
     try:
