@@ -32,7 +32,6 @@ __all__ = [
     "KILL_AT_ENV",
     "Checkpoint",
     "FaultConfigError",
-    "checkpoint",
     "checkpoint_for",
     "no_checkpoint",
 ]
@@ -82,14 +81,6 @@ def _kill_point(environ: Mapping[str, str]) -> str | None:
             f"{KILL_AT_ENV}={point!r}: known points are {', '.join(CHECKPOINTS)}"
         )
     return point
-
-
-def checkpoint(name: str) -> None:
-    """SIGKILL this process if ``X402_FAULT_KILL_AT`` names ``name``. Only ever wired in when
-    ``settings.fault_injection`` is on; `checkpoint_for` is the checked way to get it."""
-    if _kill_point(os.environ) == name:
-        log.warning("fault injection: SIGKILL at %s", name)
-        _kill_self()
 
 
 def checkpoint_for(
