@@ -170,9 +170,15 @@ def _crashes(facts: Sequence[Fact]) -> list[str]:
         lines.append(
             f"| {f['point']} | {', '.join(f['ledger_at_death']) or 'empty'} |"
             f" {_yes(f['money_moved'])} | {f['outcome']} | {f['settled_times']}x |"
-            f" {f['retry_status']}, no new charge | {_yes(f['ledger_equals_chain'])} |"
+            f" {f['retry_status']}, {_retry_charge(f)} | {_yes(f['ledger_equals_chain'])} |"
         )
     return [*lines, ""]
+
+
+def _retry_charge(fact: Fact) -> str:
+    if fact.get("retry_charged"):
+        return "paid once (nothing had moved)"
+    return "no new charge"
 
 
 def _secrets(facts: Sequence[Fact]) -> list[str]:

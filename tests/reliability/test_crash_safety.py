@@ -155,6 +155,7 @@ async def test_sigkill_at_each_step_then_restart_resolves_every_payment(
         outcome=outcome,
         settled_times=moved,
         retry_status=again.status_code,
+        retry_charged=expected - moved,  # 1 only where the crash had moved nothing
         ledger_equals_chain=True,
     )
 
