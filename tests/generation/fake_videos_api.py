@@ -46,6 +46,7 @@ class Job:
     completed_at: int | None = None
     path: Path | None = None
     stages: list[str] = field(default_factory=list)
+    unseen: list[int] = field(default_factory=list)  # progress values no poll has reported yet
 
     def public(self) -> dict[str, Any]:
         return {
@@ -66,9 +67,14 @@ class Job:
 
 
 class FakeVideosAPI:
-    def __init__(self, root: Path, api_key: str) -> None:
+    """`report_every_step`: each status poll reports the next progress value the render made,
+    and `completed` only once all were reported (a slow provider's view, whatever the CPU load:
+    tests of progress mapping then do not depend on how fast the render ran)."""
+
+    def __init__(self, root: Path, api_key: str, *, report_every_step: bool = False) -> None:
         self.root = root
         self.api_key = api_key
+        self.report_every_step = report_every_step
         self.jobs: dict[str, Job] = {}
         self.seen_auth: list[str] = []
         self.content_downloads = 0
@@ -127,6 +133,8 @@ class FakeVideosAPI:
             job.status = "in_progress"
             job.stages.append(stage.value)
             job.progress = max(job.progress, value)
+            if self.report_every_step and (not job.unseen or job.unseen[-1] < job.progress):
+                job.unseen.append(job.progress)
 
         if "[fail]" in job.prompt:
             job.status = "in_progress"
@@ -156,6 +164,10 @@ class FakeVideosAPI:
         job = self.jobs.get(request.path_params["video_id"])
         if job is None:
             return self._error(404, "video not found", "invalid_request_error")
+        if job.unseen:
+            return JSONResponse(
+                {**job.public(), "status": "in_progress", "progress": job.unseen.pop(0)}
+            )
         return JSONResponse(job.public())
 
     async def content(self, request: Request) -> Response:

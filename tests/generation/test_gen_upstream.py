@@ -56,10 +56,13 @@ async def _backend(settings: UpstreamSettings) -> AsyncIterator[UpstreamBackend]
         await backend.aclose()
 
 
-async def test_render_maps_progress_and_rehosts_the_video(
-    provider: tuple[FakeVideosAPI, str], tmp_path: Path
-) -> None:
-    api, base = provider
+async def test_render_maps_progress_and_rehosts_the_video(tmp_path: Path) -> None:
+    api = FakeVideosAPI(tmp_path / "provider", KEY, report_every_step=True)
+    async with serve(api.app) as (port,):
+        await _render_and_check(api, f"http://127.0.0.1:{port}/v1", tmp_path)
+
+
+async def _render_and_check(api: FakeVideosAPI, base: str, tmp_path: Path) -> None:
     seen: list[tuple[Stage, int]] = []
     async with _backend(_settings(base)) as backend:
         assert list(backend.models()) == ["cloud-video"]
