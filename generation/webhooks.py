@@ -3,8 +3,8 @@
 One delivery = one `webhook-id`, kept across retries so receivers can deduplicate; each attempt is
 signed afresh with its own `webhook-timestamp` (receivers reject stale timestamps). Attempts use
 the same address rules as image fetches, re-checked per attempt, and never follow redirects.
-Non-2xx answers and transport errors are retried with exponential backoff, a bounded number of
-times; a refused address is final.
+Other non-2xx answers and transport errors are retried with exponential backoff, a bounded
+number of times; a refused address and a redirect (3xx) are final.
 """
 
 from __future__ import annotations
@@ -133,6 +133,10 @@ class WebhookSender:
                 status, error = await self._attempt(target, message_id, body)
                 if error is None:
                     return DeliveryResult(True, attempt, status, None)
+                if status is not None and 300 <= status < 400:
+                    # Redirects are never followed (they could lead anywhere), so resending
+                    # cannot succeed: final, like a refused address.
+                    return DeliveryResult(False, attempt, status, error)
             log.info("webhook %s attempt %d failed: %s", message_id, attempt, error)
             if attempt < attempts:
                 await self._sleep(self._settings.backoff(attempt))

@@ -182,3 +182,28 @@ async def test_worker_listener_sends_the_webhook_for_a_finished_task(tmp_path: P
     assert payload["type"] == "generation.completed"
     assert payload["data"] == {"taskId": task.id, "status": "completed", "progress": 100}
     assert len(receiver.attempts) == 2
+
+
+async def test_a_redirect_is_final_not_retried() -> None:
+    hits: list[str] = []
+
+    async def redirect(request: Request) -> Response:
+        hits.append(request.url.path)
+        return Response(status_code=302, headers={"location": "http://127.0.0.1:9/elsewhere"})
+
+    app = Starlette(routes=[Route("/hook", redirect, methods=["POST"])])
+    async with serve(app) as (port,):
+        sender = WebhookSender(
+            generate_secret(),
+            policy=AddressPolicy(allow_private=True),
+            settings=WebhookSettings(max_attempts=4, initial_backoff=0.01),
+        )
+        try:
+            result = await sender.deliver(
+                f"http://127.0.0.1:{port}/hook", "generation.completed", {}, message_id="msg_1"
+            )
+        finally:
+            await sender.aclose()
+    assert not result.delivered
+    assert (result.attempts, result.status_code) == (1, 302)
+    assert hits == ["/hook"]
