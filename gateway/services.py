@@ -162,7 +162,9 @@ async def open_services(
     network = resolve_network(settings)
     settings.media_dir.mkdir(parents=True, exist_ok=True)
     settings.database.parent.mkdir(parents=True, exist_ok=True)
-    policy = AddressPolicy(allow_private=settings.allow_private_urls)
+    policy = AddressPolicy(
+        allow_private=settings.allow_private_urls, allowed_endpoints=settings.url_endpoints()
+    )
 
     async with AsyncExitStack() as stack:
         chain = Chain(settings.rpc_url, network.usdc, request_timeout=settings.rpc_timeout_seconds)

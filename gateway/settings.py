@@ -6,6 +6,7 @@ file in the working directory is honoured, e.g. `X402_RPC_URL`, `X402_SETTLER_KE
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from pathlib import Path
 from typing import Annotated, Literal
@@ -85,6 +86,25 @@ class Settings(BaseSettings):
     upstream_base_url: str | None = None
     upstream_api_key: SecretStr | None = None
     allow_private_urls: bool = False  # image/webhook URLs to loopback/private ranges
+    # Single "ip:port" destinations trusted despite the address rules (an internal webhook
+    # receiver, say), without opening every private address.
+    allowed_url_endpoints: tuple[str, ...] = ()
+
+    @field_validator("allowed_url_endpoints")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not port.isdigit() or not host:
+                raise ValueError(f"{entry!r} is not ip:port")
+            ipaddress.ip_address(host.strip("[]"))
+        return value
+
+    def url_endpoints(self) -> frozenset[tuple[str, int]]:
+        pairs = (entry.rpartition(":") for entry in self.allowed_url_endpoints)
+        return frozenset(
+            (str(ipaddress.ip_address(host.strip("[]"))), int(port)) for host, _, port in pairs
+        )
 
     mode: Literal["production", "dev"] = "production"
     # Test-only fault injection; refused outside dev mode.

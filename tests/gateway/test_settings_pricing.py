@@ -88,3 +88,10 @@ def test_malformed_price_books_are_refused(tmp_path: Path, text: str, message: s
     path.write_text(text)
     with pytest.raises(PricingError, match=message):
         load_price_book(path)
+
+
+def test_allowed_url_endpoints_are_ip_port_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X402_ALLOWED_URL_ENDPOINTS", '["10.0.0.7:8080", "[::1]:9000"]')
+    assert settings().url_endpoints() == {("10.0.0.7", 8080), ("::1", 9000)}
+    with pytest.raises(ValidationError):
+        settings(allowed_url_endpoints=("hooks.internal:80",))
