@@ -15,13 +15,13 @@ from typing import Any
 from eth_account import Account
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from gateway.cors import OriginOnlyCORS
 from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
 from gateway.middleware import PaymentMiddleware, PaymentService
 from gateway.pricing import PriceBook, load_price_book
@@ -101,7 +101,7 @@ def create_app(
     ]
     middleware = [
         Middleware(
-            CORSMiddleware,
+            OriginOnlyCORS,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=ALLOWED_HEADERS,

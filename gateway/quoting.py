@@ -4,9 +4,10 @@ and quote it. Everything here runs before any payment is asked for."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -20,6 +21,10 @@ from payments.wire import json_nesting_exceeds
 __all__ = ["OUTPUT_SCHEMA", "CreateGenerationRoute", "GenerationQuote", "input_schema"]
 
 _MAX_JSON_DEPTH = 16
+_CACHEABLE_BODY_BYTES = 4096
+_CACHE_ENTRIES = 1024
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,27 @@ class CreateGenerationRoute:
             output_schema=OUTPUT_SCHEMA,
             method=self.method,
         )
+        self._quotes: OrderedDict[bytes, Quote] = OrderedDict()
+        self._offers: OrderedDict[tuple[int, str, str], tuple[Requirement, ...]] = OrderedDict()
 
     async def quote(self, body: bytes) -> Quote:
+        # Same body, same quote: an agent's paid retry repeats the body of its 402, so small
+        # bodies with no external inputs (URLs to re-check) are answered from a bounded cache.
+        cached = self._quotes.get(body) if len(body) <= _CACHEABLE_BODY_BYTES else None
+        if cached is not None:
+            self._quotes.move_to_end(body)
+            return cached
+        quote = await self._quote(body)
+        gq: GenerationQuote = quote.request
+        if (
+            len(body) <= _CACHEABLE_BODY_BYTES
+            and gq.body.templateData.image is None
+            and gq.body.webhook is None
+        ):
+            _remember(self._quotes, body, quote)
+        return quote
+
+    async def _quote(self, body: bytes) -> Quote:
         if json_nesting_exceeds(body, _MAX_JSON_DEPTH):
             raise BadRequest("request body is nested too deeply", reason="invalid_json")
         try:
@@ -122,19 +146,36 @@ class CreateGenerationRoute:
 
     def requirements(self, quote: Quote, resource_url: str) -> Sequence[Requirement]:
         gq: GenerationQuote = quote.request
+        description = f"{gq.price.description}; {gq.body.templateData.duration} s"
+        key = (quote.amount, description, resource_url)
+        offered = self._offers.get(key)
+        if offered is None:
+            offered = self._build_requirements(quote.amount, description, resource_url)
+            _remember(self._offers, key, offered)
+        return offered
+
+    def _build_requirements(
+        self, amount: int, description: str, resource_url: str
+    ) -> tuple[Requirement, ...]:
         return (
             Requirement(
                 network=self.network,
-                amount=quote.amount,
+                amount=amount,
                 asset=self.asset,
                 pay_to=self.pay_to,
                 max_timeout_seconds=self.max_timeout_seconds,
                 resource_url=resource_url,
-                description=f"{gq.price.description}; {gq.body.templateData.duration} s",
+                description=description,
                 mime_type=self.mime_type,
                 discovery=self.discovery,
             ),
         )
+
+
+def _remember(cache: OrderedDict[K, V], key: K, value: V) -> None:
+    cache[key] = value
+    if len(cache) > _CACHE_ENTRIES:
+        cache.popitem(last=False)
 
 
 def _known(prices: PriceBook) -> str:
