@@ -245,6 +245,41 @@ def _result(method: str, response: object) -> Any:
     return response["result"]
 
 
+def _settle_future(
+    future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():  # the waiter gave up (cancelled, timed out)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _receipt(tx_hash: str, raw: Any) -> Receipt | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InfrastructureError("malformed receipt")
+    if raw.get("blockNumber") is None:  # some nodes answer pending receipts
+        return None
+    logs = tuple(
+        Log(
+            address=str(lg["address"]),
+            topics=tuple(str(t).lower() for t in lg.get("topics", ())),
+            data=_hex_bytes(lg.get("data", "0x")),
+        )
+        for lg in raw.get("logs", ())
+    )
+    return Receipt(
+        tx_hash=str(raw.get("transactionHash", tx_hash)),
+        status=_hex_int(raw.get("status", "0x0")),
+        block_number=_hex_int(raw["blockNumber"]),
+        gas_used=_hex_int(raw.get("gasUsed", "0x0")),
+        logs=logs,
+    )
+
+
 class Chain:
     """Async chain adapter for one token on one network. Create once per process; ``open()`` in
     the application's lifespan, ``close()`` on shutdown."""
@@ -279,6 +314,9 @@ class Chain:
         self._chain_id: int | None = None
         self._receipt_lag = 0.0  # moving average: seconds from wait_receipt to its receipt
         self._batches = True  # JSON-RPC batches accepted (until the node refuses one)
+        self._receipt_requests: list[tuple[str, asyncio.Future[Any]]] = []
+        self._receipt_flush: asyncio.Handle | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     async def open(self) -> Chain:
         """Give the provider a pooled keep-alive session (web3 closes each connection)."""
@@ -490,28 +528,55 @@ class Chain:
         return (await self.rpc("eth_getTransactionByHash", [tx_hash])) is not None
 
     async def get_receipt(self, tx_hash: str) -> Receipt | None:
-        raw = await self.rpc("eth_getTransactionReceipt", [tx_hash])
-        if raw is None:
-            return None
-        if not isinstance(raw, dict):
-            raise InfrastructureError("malformed receipt")
-        if raw.get("blockNumber") is None:  # some nodes answer pending receipts
-            return None
-        logs = tuple(
-            Log(
-                address=str(lg["address"]),
-                topics=tuple(str(t).lower() for t in lg.get("topics", ())),
-                data=_hex_bytes(lg.get("data", "0x")),
-            )
-            for lg in raw.get("logs", ())
-        )
-        return Receipt(
-            tx_hash=str(raw.get("transactionHash", tx_hash)),
-            status=_hex_int(raw.get("status", "0x0")),
-            block_number=_hex_int(raw["blockNumber"]),
-            gas_used=_hex_int(raw.get("gasUsed", "0x0")),
-            logs=logs,
-        )
+        """The receipt, or None while the tx is not mined. Concurrent calls made in the same
+        event-loop turn go out as ONE JSON-RPC batch (many settlements polling at once cost
+        one round trip, for us and for the node)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._receipt_requests.append((tx_hash, future))
+        if self._receipt_flush is None:
+            self._receipt_flush = asyncio.get_running_loop().call_soon(self._flush_receipts)
+        return _receipt(tx_hash, await future)
+
+    def _flush_receipts(self) -> None:
+        self._receipt_flush = None
+        batch, self._receipt_requests = self._receipt_requests, []
+        task = asyncio.ensure_future(self._fetch_receipts(batch))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _fetch_receipts(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
+        method = "eth_getTransactionReceipt"
+        try:
+            if len(batch) == 1 or not self._batches:
+                for tx_hash, future in batch:
+                    try:
+                        raw = await self.rpc(method, [tx_hash])
+                    except Exception as exc:  # handed to the waiter, whatever it is
+                        _settle_future(future, error=exc)
+                    else:
+                        _settle_future(future, result=raw)
+                return
+            first = next(self._ids)
+            for _ in batch[1:]:
+                next(self._ids)
+            request = [
+                {"jsonrpc": "2.0", "id": first + i, "method": method, "params": [tx_hash]}
+                for i, (tx_hash, _) in enumerate(batch)
+            ]
+            answer = await self._post(method, request, attempts=self._attempts)
+            if not isinstance(answer, list):  # the node refuses batches: ask one by one
+                self._batches = False
+                await self._fetch_receipts(batch)
+                return
+            by_id = {item.get("id"): item for item in answer if isinstance(item, dict)}
+            for i, (_, future) in enumerate(batch):
+                try:
+                    _settle_future(future, result=_result(method, by_id.get(first + i)))
+                except (RpcError, InfrastructureError) as exc:
+                    _settle_future(future, error=exc)
+        except Exception as exc:  # transport failure: every waiter in the batch learns it
+            for _, future in batch:
+                _settle_future(future, error=exc)
 
     async def wait_receipt(self, tx_hash: str, timeout_s: float = 30.0) -> Receipt:
         """Poll for the receipt: first when receipts have recently taken to come (most of that

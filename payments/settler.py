@@ -42,6 +42,13 @@ import rlp  # type: ignore[import-untyped]
 from coincurve import PrivateKey
 from eth_account import Account
 from eth_utils.crypto import keccak
+from rlp.sedes import (  # type: ignore[import-untyped]
+    Binary,
+    CountableList,
+    List,
+    big_endian_int,
+    binary,
+)
 
 from payments import reasons
 from payments.chain import (
@@ -62,6 +69,13 @@ __all__ = [
     "SendUncertain",
     "Settler",
 ]
+
+
+# EIP-1559 fields: chainId, nonce, maxPriorityFee, maxFee, gas, to, value, data, accessList
+# (+ yParity, r, s). Explicit sedes: pyrlp then skips inferring one per field.
+_FIELDS_1559 = [big_endian_int] * 5 + [Binary.fixed_length(20), big_endian_int, binary]
+_UNSIGNED_1559 = List([*_FIELDS_1559, CountableList(binary)])
+_SIGNED_1559 = List([*_FIELDS_1559, CountableList(binary), *[big_endian_int] * 3])
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +194,11 @@ class Settler:
             data,
             [],  # access list
         ]
-        unsigned = b"\x02" + rlp.encode(fields)
+        unsigned = b"\x02" + rlp.encode(fields, sedes=_UNSIGNED_1559)
         sig = self._key.sign_recoverable(keccak(unsigned), hasher=None)  # r || s || recid
         raw = b"\x02" + rlp.encode(
-            [*fields, sig[64], int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big")]
+            [*fields, sig[64], int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:64], "big")],
+            sedes=_SIGNED_1559,
         )
         return "0x" + keccak(raw).hex(), raw
 

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import py_ecc  # noqa: F401  (see below)
 import pytest
 from eth_account import Account
 
 from payments.localchain import DevAccount, LocalChain
+
+# py_ecc (imported by eth-account) raises the interpreter's recursion limit at import. Import it
+# first, so the limit is set once before pytest compiles test modules: CPython 3.11 raised
+# "AST constructor recursion depth mismatch" once here when the limit moved mid-session.
 
 DEFAULT_PAYER_USDC = 10_000_000  # 10 USDC in atomic units
 DEFAULT_PAYER_ETH_WEI = 10**17
