@@ -186,8 +186,8 @@ class LocalChain:
         self._start_timeout = start_timeout
 
         self._proc: subprocess.Popen[bytes] | None = None
-        self._stdout: _StreamTail | None = None
         self._stderr: _StreamTail | None = None
+        self._log_path: Path | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self._client: httpx.Client | None = None
         self._port: int | None = None
@@ -235,29 +235,24 @@ class LocalChain:
         if self._block_time is not None:
             cmd += ["--block-time", str(self._block_time)]
 
-        listening = threading.Event()
-
-        def on_stdout(line: str) -> None:
-            match = _LISTENING.search(line)
-            if match and not listening.is_set():
-                self._port = int(match.group(2))
-                listening.set()
-
+        # anvil logs every RPC call to stdout: into a file, not a pipe, so no thread of ours
+        # spends CPU (and the GIL) draining it while the chain is busy.
+        self._log_path = Path(self._tmpdir.name) / "anvil.log"
         atexit.register(self.stop)
         try:
             # Own session: a Ctrl-C in the terminal reaches the gateway, which then stops anvil
             # after it has finished in-flight settlements (not the other way round).
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-            assert self._proc.stdout is not None and self._proc.stderr is not None
-            self._stdout = _StreamTail(self._proc.stdout, on_stdout)
+            with open(self._log_path, "wb") as log:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            assert self._proc.stderr is not None
             self._stderr = _StreamTail(self._proc.stderr)
-            self._wait_listening(listening, began)
+            self._wait_listening(began)
             self._client = httpx.Client(timeout=10.0)
             self._wait_rpc(began)
             self._load_accounts(config_out, began)
@@ -271,9 +266,14 @@ class LocalChain:
     def _deadline_left(self, began: float) -> float:
         return self._start_timeout - (time.monotonic() - began)
 
-    def _wait_listening(self, listening: threading.Event, began: float) -> None:
+    def _wait_listening(self, began: float) -> None:
         assert self._proc is not None
-        while not listening.wait(0.01):
+        while True:
+            match = _LISTENING.search(self._log_text())
+            if match:
+                self._port = int(match.group(2))
+                return
+            time.sleep(0.002)
             if self._proc.poll() is not None:
                 raise LocalChainError(self._death_report())
             if self._deadline_left(began) <= 0:
@@ -335,9 +335,8 @@ class LocalChain:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
-            for tail in (self._stdout, self._stderr):
-                if tail is not None:
-                    tail.join(timeout=2)
+            if self._stderr is not None:
+                self._stderr.join(timeout=2)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
@@ -352,17 +351,24 @@ class LocalChain:
         parts = []
         if self._stderr is not None and self._stderr.lines:
             parts.append("anvil stderr:\n" + self._stderr.text())
-        if self._stdout is not None and self._stdout.lines:
-            parts.append("anvil stdout (tail):\n" + self._stdout.text())
+        stdout = self._log_text()
+        if stdout:
+            tail = "\n".join(stdout.splitlines()[-_TAIL_LINES:])
+            parts.append("anvil stdout (tail):\n" + tail)
         return "\n".join(parts)
+
+    def _log_text(self) -> str:
+        try:
+            return self._log_path.read_text("utf-8", "replace") if self._log_path else ""
+        except FileNotFoundError:
+            return ""
 
     def _death_report(self) -> str:
         assert self._proc is not None
         code = self._proc.wait()
         # Let the reader threads collect what anvil said before it died.
-        for tail in (self._stdout, self._stderr):
-            if tail is not None:
-                tail.join(timeout=1)
+        if self._stderr is not None:
+            self._stderr.join(timeout=1)
         return f"anvil exited with code {code} during start-up\n{self._output_tail()}"
 
     # ------------------------------------------------------------------ properties
