@@ -263,6 +263,7 @@ class Settler:
         try:
             outcomes = await self._chain.send_raw_many([raw for _, _, raw in signed])
         except InfrastructureError as exc:  # transport: each may or may not have gone out
+            log.warning("broadcast of %d txs uncertain: %s", len(signed), exc)
             self._nonce = None
             for item, tx_hash, _ in signed:
                 item.fail(SendUncertain(tx_hash, str(exc)))
@@ -271,6 +272,7 @@ class Settler:
         gap = False  # a nonce that did not go out, below one that did
         for (item, tx_hash, _), sent in zip(signed, outcomes, strict=True):
             if isinstance(sent, RpcError) and not _already_known(sent.message):
+                log.warning("node refused settlement tx %s: %s", tx_hash, sent.message)
                 try:
                     known = await self._known(tx_hash)
                 except SendUncertain as uncertain:
@@ -293,6 +295,7 @@ class Settler:
         if not gap:
             self._nonce = first + len(signed)
             return []
+        log.warning("nonce gap after batch from nonce %d; resyncing from the node", first)
         # Resync: the node's pending count stops at the first nonce that did not go out, and
         # the next transaction sent fills it, so the ones after it (already out) get mined.
         self._nonce = None
@@ -345,6 +348,7 @@ class Settler:
                 tx_hash, self.gas.receipt_timeout_s if timeout_s is None else timeout_s
             )
         except ReceiptTimeout:
+            log.warning("no receipt for %s within the timeout; nonce resync", tx_hash)
             self.invalidate_nonce()  # a dropped tx would strand every later nonce
             raise
 
