@@ -1,11 +1,10 @@
 """Chain I/O: the one place that talks JSON-RPC to the node.
 
 Calls are JSON-RPC POSTs on one pooled keep-alive aiohttp session, with calldata we encode
-ourselves (precomputed selectors, fixed-width words). ``Chain.w3`` (web3's ``AsyncWeb3`` on
-``AsyncHTTPProvider``, sharing that session) is there for ad-hoc use, but the request path does
-not go through it: web3's provider takes a ``threading.Lock`` through the default thread pool on
-every request, and that thread hop cost more CPU than everything else a settlement does
-(settler benchmark: 368 -> see the commit message).
+ourselves (eth-abi, precomputed selectors). Not through web3's ``AsyncHTTPProvider``: it takes a
+``threading.Lock`` through the default thread pool on every request, and that thread hop cost
+more CPU than everything else a settlement does (see the commit that made the change). web3's
+list of safely retryable read methods is still the one used here.
 
 Error policy: a node we cannot reach, a timeout, an HTTP error or a JSON-RPC error on a read is an
 ``InfrastructureError`` (503: retry later, no money moved); it is never turned into "invalid
@@ -27,9 +26,7 @@ import aiohttp
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_utils.crypto import keccak
-from web3 import AsyncWeb3
-from web3.providers.rpc import AsyncHTTPProvider
-from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST, ExceptionRetryConfiguration
+from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST
 
 from payments import reasons
 from payments.eip3009 import Authorization, normalize_address, split_signature
@@ -299,17 +296,6 @@ class Chain:
         self._max_connections = max_connections
         self._attempts = max(1, read_retries)
         self._ids = itertools.count(1)
-        self.provider = AsyncHTTPProvider(
-            rpc_url,
-            request_kwargs={"timeout": self._timeout},
-            exception_retry_configuration=ExceptionRetryConfiguration(
-                errors=(aiohttp.ClientError, TimeoutError),
-                retries=max(1, read_retries),
-                backoff_factor=_RETRY_BACKOFF_S,
-                method_allowlist=_RETRY_ALLOWLIST,
-            ),
-        )
-        self.w3: AsyncWeb3[AsyncHTTPProvider] = AsyncWeb3(self.provider)
         self._session: aiohttp.ClientSession | None = None
         self._chain_id: int | None = None
         self._receipt_lag = 0.0  # moving average: seconds from wait_receipt to its receipt
@@ -319,7 +305,7 @@ class Chain:
         self._background: set[asyncio.Future[None]] = set()
 
     async def open(self) -> Chain:
-        """Give the provider a pooled keep-alive session (web3 closes each connection)."""
+        """One pooled keep-alive session for every call."""
         if self._session is None or self._session.closed:
             session = aiohttp.ClientSession(
                 raise_for_status=True,
@@ -327,11 +313,9 @@ class Chain:
                 connector=aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300),
             )
             self._session = session
-            await self.provider.cache_async_session(session)
         return self
 
     async def close(self) -> None:
-        await self.provider.disconnect()
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
