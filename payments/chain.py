@@ -297,6 +297,7 @@ class Chain:
         self._attempts = max(1, read_retries)
         self._ids = itertools.count(1)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False  # after close(), late calls fail instead of leaking a new session
         self._chain_id: int | None = None
         self._receipt_lag = 0.0  # moving average: seconds from wait_receipt to its receipt
         self._batches = True  # JSON-RPC batches accepted (until the node refuses one)
@@ -306,6 +307,7 @@ class Chain:
 
     async def open(self) -> Chain:
         """One pooled keep-alive session for every call."""
+        self._closed = False
         if self._session is None or self._session.closed:
             session = aiohttp.ClientSession(
                 raise_for_status=True,
@@ -316,6 +318,7 @@ class Chain:
         return self
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
@@ -331,6 +334,8 @@ class Chain:
     async def _post(self, method: str, request: object, *, attempts: int) -> Any:
         """POST one JSON-RPC request (or batch); the decoded answer. Transport trouble ->
         InfrastructureError, after ``attempts`` tries."""
+        if self._closed:
+            raise InfrastructureError(f"{method}: the chain adapter is closed")
         if self._session is None or self._session.closed:
             await self.open()
         assert self._session is not None
