@@ -18,6 +18,7 @@ from eth_account import Account
 from payments.chain import encode_transfer_with_authorization
 from payments.eip3009 import Authorization, TokenDomain, sign_authorization
 from payments.localchain import CANONICAL_USDC, LocalChain, encode_call
+from payments.wire import exact_evm_payload
 
 USDC = 10**6
 ETH = 10**18
@@ -97,17 +98,7 @@ def v2_headers(
         auth, signature = sign_authorization_for(
             payers[i % len(payers)], accepted, amount, chain_id, now
         )
-        payload = {
-            "signature": "0x" + signature.hex(),
-            "authorization": {
-                "from": auth.from_,
-                "to": auth.to,
-                "value": str(auth.value),
-                "validAfter": str(auth.valid_after),
-                "validBefore": str(auth.valid_before),
-                "nonce": "0x" + auth.nonce.hex(),
-            },
-        }
+        payload = exact_evm_payload(auth, signature)
         body = {"x402Version": 2, "resource": challenge["resource"], "accepted": accepted}
         headers.append(_b64({**body, "payload": payload}))
     return headers

@@ -30,7 +30,7 @@ from payments.eip3009 import Authorization, authorization_digest, keccak256, sig
 from payments.networks import BASE
 from payments.requirements import Requirement
 from payments.verify import Payment, match_requirement, verify_offline
-from payments.wire import decode_payment_header
+from payments.wire import decode_payment_header, exact_evm_payload
 
 NOW = 1_750_000_000
 PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
@@ -63,17 +63,7 @@ def _payments(count: int) -> tuple[list[Payment], list[str]]:
             "x402Version": 2,
             "resource": {"url": REQ.resource_url},
             "accepted": REQ.v2_dict(),
-            "payload": {
-                "signature": "0x" + signature.hex(),
-                "authorization": {
-                    "from": auth.from_,
-                    "to": auth.to,
-                    "value": str(auth.value),
-                    "validAfter": str(auth.valid_after),
-                    "validBefore": str(auth.valid_before),
-                    "nonce": "0x" + auth.nonce.hex(),
-                },
-            },
+            "payload": exact_evm_payload(auth, signature),
         }
         header = base64.b64encode(json.dumps(body).encode()).decode()
         headers.append(header)

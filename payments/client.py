@@ -51,6 +51,7 @@ from .wire import (
     b64_json,
     decode_b64_json,
     decode_settle_response,
+    exact_evm_payload,
     parse_uint256,
 )
 
@@ -561,17 +562,7 @@ class Payer:
             nonce=random_nonce(self._rng),
         )
         signature = sign_authorization(self._key, domain, auth)
-        payload = {
-            "signature": "0x" + signature.hex(),
-            "authorization": {
-                "from": auth.from_,
-                "to": auth.to,
-                "value": str(auth.value),
-                "validAfter": str(auth.valid_after),
-                "validBefore": str(auth.valid_before),
-                "nonce": "0x" + auth.nonce.hex(),
-            },
-        }
+        payload = exact_evm_payload(auth, signature)
         message: dict[str, Any]
         if offer.version == 2:
             message = {"x402Version": 2}

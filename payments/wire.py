@@ -62,6 +62,7 @@ __all__ = [
     "decode_settle_response",
     "dumps_compact",
     "encode_b64_json",
+    "exact_evm_payload",
     "json_nesting_exceeds",
     "parse_uint256",
     "to_authorization",
@@ -395,6 +396,21 @@ def _address(text: str, field: str) -> str:
         return normalize_address(text)
     except ValueError as exc:
         raise _invalid(f"{field} is not a valid address: {exc}") from None
+
+
+def exact_evm_payload(auth: Authorization, signature: bytes) -> dict[str, Any]:
+    """The wire `payload` of the exact EVM scheme (the inverse of `to_authorization`)."""
+    return {
+        "signature": "0x" + signature.hex(),
+        "authorization": {
+            "from": auth.from_,
+            "to": auth.to,
+            "value": str(auth.value),
+            "validAfter": str(auth.valid_after),
+            "validBefore": str(auth.valid_before),
+            "nonce": "0x" + auth.nonce.hex(),
+        },
+    }
 
 
 def to_authorization(payload: ExactEvmPayload) -> tuple[Authorization, bytes]:

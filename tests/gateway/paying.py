@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from payments.eip3009 import Authorization, TokenDomain, random_nonce, sign_authorization
+from payments.wire import exact_evm_payload
 
 
 def _sign(key: str, req: dict[str, Any], amount: int, chain_id: int) -> dict[str, Any]:
@@ -25,17 +26,7 @@ def _sign(key: str, req: dict[str, Any], amount: int, chain_id: int) -> dict[str
     )
     domain = TokenDomain(req["extra"]["name"], req["extra"]["version"], chain_id, req["asset"])
     signature = sign_authorization(key, domain, auth)
-    return {
-        "signature": "0x" + signature.hex(),
-        "authorization": {
-            "from": auth.from_,
-            "to": auth.to,
-            "value": str(auth.value),
-            "validAfter": str(auth.valid_after),
-            "validBefore": str(auth.valid_before),
-            "nonce": "0x" + auth.nonce.hex(),
-        },
-    }
+    return exact_evm_payload(auth, signature)
 
 
 def _address_of(key: str) -> str:

@@ -17,7 +17,7 @@ from payments.errors import InvalidPayment
 from payments.networks import BASE, BASE_SEPOLIA, Network
 from payments.requirements import Requirement
 from payments.verify import Payment, match_requirement, verify_offline
-from payments.wire import decode_payment_header
+from payments.wire import decode_payment_header, exact_evm_payload
 
 NOW = 1_750_000_000
 PAYER_KEY = keccak(text="payer-1")
@@ -43,20 +43,6 @@ def _auth(**changes: Any) -> Authorization:
     return Authorization(**fields)
 
 
-def _wire_payload(auth: Authorization, signature: bytes) -> dict[str, Any]:
-    return {
-        "signature": "0x" + signature.hex(),
-        "authorization": {
-            "from": auth.from_,
-            "to": auth.to,
-            "value": str(auth.value),
-            "validAfter": str(auth.valid_after),
-            "validBefore": str(auth.valid_before),
-            "nonce": "0x" + auth.nonce.hex(),
-        },
-    }
-
-
 def _header(
     version: int = 2,
     *,
@@ -76,7 +62,7 @@ def _header(
             "x402Version": 2,
             "resource": {"url": REQ.resource_url},
             "accepted": REQ.v2_dict() | (accepted or {}),
-            "payload": _wire_payload(auth, signature),
+            "payload": exact_evm_payload(auth, signature),
             "extensions": {},
         }
     else:
@@ -84,7 +70,7 @@ def _header(
             "x402Version": 1,
             "scheme": "exact",
             "network": "base",
-            "payload": _wire_payload(auth, signature),
+            "payload": exact_evm_payload(auth, signature),
         }
     body.update(top)
     return base64.b64encode(json.dumps(body).encode()).decode()
