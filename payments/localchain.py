@@ -177,11 +177,16 @@ class LocalChain:
         *,
         accounts: int = 20,
         start_timeout: float = 10.0,
+        sweep_interval: float | None = 1.0,
     ) -> None:
         self._anvil_path = anvil_path
         self._requested_port = port
         self._chain_id = chain_id
         self._block_time = block_time
+        # Automine can leave a ready transaction unmined when one key's transactions arrive out
+        # of nonce order (concurrent sends; foundry-rs/foundry#10122): every later nonce then
+        # waits forever. Mixed mining adds an interval block that sweeps such stragglers up.
+        self._sweep_interval = sweep_interval
         self._n_accounts = accounts
         self._start_timeout = start_timeout
 
@@ -234,6 +239,8 @@ class LocalChain:
         ]
         if self._block_time is not None:
             cmd += ["--block-time", str(self._block_time)]
+        elif self._sweep_interval is not None:
+            cmd += ["--mixed-mining", "--block-time", str(self._sweep_interval)]
 
         # anvil logs every RPC call to stdout: into a file, not a pipe, so no thread of ours
         # spends CPU (and the GIL) draining it while the chain is busy.
