@@ -109,6 +109,12 @@ class GasSettings:
     max_fee_multiplier: int = 2
     fee_refresh_s: float = 15.0
     receipt_timeout_s: float = 30.0
+    # No receipt after this long: send the same signed bytes again (same hash, so harmless),
+    # in case the node dropped the transaction after accepting it.
+    rebroadcast_after_s: float = 2.0
+
+
+_UNCONFIRMED_KEPT = 10_000
 
 
 def _nonce_error(message: str) -> bool:
@@ -148,6 +154,7 @@ class Settler:
         self._chain_id: int | None = None
         self._queue: deque[_Outgoing] = deque()
         self._sender: asyncio.Task[None] | None = None
+        self._unconfirmed: dict[str, bytes] = {}  # tx hash -> signed bytes, until confirmed
 
     def __repr__(self) -> str:  # never show the key
         return f"Settler(address={self.address})"
@@ -260,6 +267,10 @@ class Settler:
                 batch[index].fail(record_error)
                 return [*batch[:index], *batch[index + 1 :]]  # same hashes would leave a gap
 
+        for _, tx_hash, raw in signed:
+            self._unconfirmed[tx_hash] = raw
+        while len(self._unconfirmed) > _UNCONFIRMED_KEPT:  # never waited for (e.g. fillers)
+            del self._unconfirmed[next(iter(self._unconfirmed))]
         try:
             outcomes = await self._chain.send_raw_many([raw for _, _, raw in signed])
         except InfrastructureError as exc:  # transport: each may or may not have gone out
@@ -343,14 +354,57 @@ class Settler:
     # -- confirming ----------------------------------------------------------------------------
 
     async def wait(self, tx_hash: str, timeout_s: float | None = None) -> Receipt:
+        limit = self.gas.receipt_timeout_s if timeout_s is None else timeout_s
+        deadline = self._monotonic() + limit
         try:
-            return await self._chain.wait_receipt(
-                tx_hash, self.gas.receipt_timeout_s if timeout_s is None else timeout_s
-            )
+            while True:
+                left = deadline - self._monotonic()
+                try:
+                    return await self._chain.wait_receipt(
+                        tx_hash, max(0.0, min(self.gas.rebroadcast_after_s, left))
+                    )
+                except ReceiptTimeout:
+                    if self._monotonic() >= deadline:
+                        raise
+                    await self._rebroadcast(tx_hash)
         except ReceiptTimeout:
-            log.warning("no receipt for %s within the timeout; nonce resync", tx_hash)
+            log.warning(
+                "no receipt for %s within the timeout; nonce resync (%s)",
+                tx_hash,
+                await self._diagnose(tx_hash),
+            )
             self.invalidate_nonce()  # a dropped tx would strand every later nonce
             raise
+        finally:
+            self._unconfirmed.pop(tx_hash, None)
+
+    async def _rebroadcast(self, tx_hash: str) -> None:
+        raw = self._unconfirmed.get(tx_hash)
+        if raw is None:
+            return
+        try:
+            await self._chain.send_raw(raw)
+        except RpcError as exc:  # "already known" / "nonce too low" (mined meanwhile): fine
+            log.debug("rebroadcast of %s: %s", tx_hash, exc.message)
+        except InfrastructureError:
+            pass  # the wait goes on; the deadline decides
+        else:
+            log.warning("rebroadcast %s: the node had dropped it", tx_hash)
+
+    async def _diagnose(self, tx_hash: str) -> str:
+        """What the node says about a transaction that never got a receipt (for the log)."""
+        try:
+            tx = await self._chain.rpc("eth_getTransactionByHash", [tx_hash])
+            latest = await self._chain.transaction_count(self.address, "latest")
+            pending = await self._chain.transaction_count(self.address, "pending")
+        except InfrastructureError as exc:
+            return f"node not asked: {exc}"
+        if tx is None:
+            return f"node does not know it; nonces latest={latest} pending={pending}"
+        return (
+            f"node has it at nonce {int(tx.get('nonce', '0x0'), 16)}, block "
+            f"{tx.get('blockNumber')}; nonces latest={latest} pending={pending}"
+        )
 
     def check_transfer(self, receipt: Receipt, payer: str, pay_to: str, amount: int) -> None:
         """Succeeded AND moved exactly ``amount`` from payer to payTo in this token."""

@@ -12,8 +12,9 @@ from payments import reasons
 from payments.chain import Chain
 from payments.eip3009 import sign_authorization
 from payments.errors import SettlementFailed
+from payments.localchain import LocalChain
 from payments.networks import BASE
-from payments.settler import SendRejected, Settler
+from payments.settler import GasSettings, SendRejected, Settler
 
 from .conftest import USDC, Payer, authorization, new_key, requirement
 
@@ -135,3 +136,25 @@ async def test_refund_is_an_erc20_transfer_from_the_settler(
     receipt = await settler.wait(refund_tx)
     settler.check_transfer(receipt, settler.address, payer.address, 400_000)
     assert await chain.balance_of(payer.address) == USDC
+
+
+async def test_a_transaction_the_node_dropped_is_broadcast_again() -> None:
+    # A chain that mines on an interval, so the tx can be dropped from its pool before a block.
+    with LocalChain(block_time=1) as lc:
+        address, key = new_key()
+        lc.fund(address, eth_wei=10**19)
+        payer = Payer(*new_key())
+        lc.fund(payer.address, usdc=USDC)
+        async with Chain(lc.rpc_url, BASE.usdc, request_timeout=5.0) as chain:
+            settler = Settler(chain, key, gas=GasSettings(rebroadcast_after_s=0.3))
+            await settler.start()
+            req = requirement(settler.address, amount=100_000)
+            auth = authorization(payer, req)
+            tx = await settler.submit(auth, sign_authorization(payer.key, BASE.token_domain, auth))
+            lc.rpc("anvil_dropTransaction", [tx])
+            assert lc.rpc("eth_getTransactionByHash", [tx]) is None  # really gone
+            receipt = await settler.confirm(
+                tx, payer=payer.address, pay_to=req.pay_to, amount=100_000
+            )
+            assert receipt.succeeded and receipt.tx_hash == tx
+            assert await chain.balance_of(payer.address) == USDC - 100_000
