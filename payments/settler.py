@@ -155,6 +155,7 @@ class Settler:
         self._queue: deque[_Outgoing] = deque()
         self._sender: asyncio.Task[None] | None = None
         self._unconfirmed: dict[str, bytes] = {}  # tx hash -> signed bytes, until confirmed
+        self._anvil_pool = True  # until the node says it has no anvil_dropTransaction
 
     def __repr__(self) -> str:  # never show the key
         return f"Settler(address={self.address})"
@@ -356,6 +357,7 @@ class Settler:
     async def wait(self, tx_hash: str, timeout_s: float | None = None) -> Receipt:
         limit = self.gas.receipt_timeout_s if timeout_s is None else timeout_s
         deadline = self._monotonic() + limit
+        rounds = 0
         try:
             while True:
                 left = deadline - self._monotonic()
@@ -366,7 +368,8 @@ class Settler:
                 except ReceiptTimeout:
                     if self._monotonic() >= deadline:
                         raise
-                    await self._rebroadcast(tx_hash)
+                    rounds += 1
+                    await self._rebroadcast(tx_hash, reinsert=rounds > 1)
         except ReceiptTimeout:
             log.warning(
                 "no receipt for %s within the timeout; nonce resync (%s)",
@@ -378,10 +381,20 @@ class Settler:
         finally:
             self._unconfirmed.pop(tx_hash, None)
 
-    async def _rebroadcast(self, tx_hash: str) -> None:
+    async def _rebroadcast(self, tx_hash: str, *, reinsert: bool = False) -> None:
         raw = self._unconfirmed.get(tx_hash)
         if raw is None:
             return
+        if reinsert and self._anvil_pool:
+            # Anvil only: its pool can hold a transaction it never promotes to ready (it stays
+            # pending while its nonce is next; foundry-rs/foundry#10122), so the same bytes are
+            # "already known" forever. Taking it out and sending it again re-evaluates it.
+            try:
+                await self._chain.rpc("anvil_dropTransaction", [tx_hash])
+            except RpcError:
+                self._anvil_pool = False  # not Anvil: the method does not exist
+            except InfrastructureError:
+                return
         try:
             await self._chain.send_raw(raw)
         except RpcError as exc:  # "already known" / "nonce too low" (mined meanwhile): fine
@@ -389,7 +402,7 @@ class Settler:
         except InfrastructureError:
             pass  # the wait goes on; the deadline decides
         else:
-            log.warning("rebroadcast %s: the node had dropped it", tx_hash)
+            log.warning("rebroadcast %s (reinserted: %s)", tx_hash, reinsert)
 
     async def _diagnose(self, tx_hash: str) -> str:
         """What the node says about a transaction that never got a receipt (for the log)."""
