@@ -18,8 +18,8 @@ from payments.client import Payer, PaymentUnconfirmed, receipt_of
 from tests.client.conftest import Key, Served
 from tests.client.servers import CuttingProxy
 from tests.client.test_client_pays import transfers
+from tests.fault_proxy import FaultProxy
 from tests.gateway.conftest import start_gateway
-from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.chain
 
@@ -123,7 +123,7 @@ async def test_503_is_retried_with_the_same_authorization(
 ) -> None:
     """The gateway's RPC is down when the payment arrives: 503 + Retry-After, nothing charged.
     The client waits as told and resends the same authorization; by then the RPC is back."""
-    rpc = TcpProxy("127.0.0.1", int(local_chain.rpc_url.rsplit(":", 1)[1])).start()
+    rpc = FaultProxy("127.0.0.1", int(local_chain.rpc_url.rsplit(":", 1)[1])).start()
     gw = start_gateway(local_chain, tmp_path, rpc_url=rpc.url)
     seen: list[tuple[int, str | None]] = []
 

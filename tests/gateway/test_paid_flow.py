@@ -16,9 +16,9 @@ from x402.http.clients import x402HttpxClient
 from x402.mechanisms.evm.exact import register_exact_evm_client
 
 from payments import decode_settle_response
+from tests.fault_proxy import FaultProxy
 from tests.gateway.conftest import Gateway, start_gateway
 from tests.gateway.paying import decode_challenge, v1_header, v2_header
-from tests.tcp_proxy import TcpProxy
 
 BODY = {"prompt": "a lighthouse at dawn, waves rolling in", "templateData": {"duration": 2}}
 
@@ -147,7 +147,7 @@ async def test_rpc_down_is_503_with_retry_after_and_no_charge(
     local_chain: Any, make_payer: Any, tmp_path: Any
 ) -> None:
     host, port = local_chain.rpc_url.removeprefix("http://").split(":")
-    proxy = TcpProxy(host, int(port)).start()
+    proxy = FaultProxy(host, int(port)).start()
     gw = start_gateway(local_chain, tmp_path, rpc_url=proxy.url, rpc_timeout_seconds=2)
     try:
         payer = make_payer()

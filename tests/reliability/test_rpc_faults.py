@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from tests.fault_proxy import FaultProxy
 from tests.reliability.facts import Recorder
-from tests.reliability.fault_proxy import FaultProxy
 from tests.reliability.harness import (
     BODY,
     InProcessGateway,

@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tests.fault_proxy import FaultProxy
 from tests.gateway.paying import v1_header, v2_header
 from tests.gateway.server import ServerThread, free_port
 from tests.reliability.facts import Recorder
-from tests.reliability.fault_proxy import FaultProxy
 from tests.reliability.harness import gateway_process, wait_status
 
 

@@ -1,4 +1,4 @@
-"""A TCP proxy that injects RPC faults between the gateway and its node: cut (refuse and drop
+"""A TCP proxy for fault injection (tests only), e.g. between the gateway and its node: cut (refuse and drop
 every connection), delay every answer, or swallow the answer to one JSON-RPC method and then
 go down (the request reached the node, the gateway never hears back: a flap mid-settlement)."""
 
