@@ -1,6 +1,6 @@
-"""A TCP proxy for fault injection (tests only), e.g. between the gateway and its node: cut (refuse and drop
-every connection), delay every answer, or swallow the answer to one JSON-RPC method and then
-go down (the request reached the node, the gateway never hears back: a flap mid-settlement)."""
+"""A TCP proxy for fault injection in tests, e.g. between the gateway and its node: cut (refuse
+and drop every connection), delay every answer, or swallow the answer to one JSON-RPC method and
+then go down (the request reached the node, the gateway never hears back: a flap mid-settlement)."""
 
 from __future__ import annotations
 
