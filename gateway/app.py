@@ -24,11 +24,12 @@ from starlette.types import Scope
 from gateway.cors import OriginOnlyCORS
 from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
 from gateway.middleware import PaymentMiddleware, PaymentService
+from gateway.payment_services import resolve_network
 from gateway.pricing import PriceBook, load_price_book
 from gateway.quoting import CreateGenerationRoute
 from gateway.ratelimit import TokenBuckets
 from gateway.routes import create_generation, healthz, openapi, task_events, task_status
-from gateway.services import Services, open_services, resolve_network
+from gateway.services import Services, open_services
 from gateway.settings import Settings
 from payments import InfrastructureError
 

@@ -24,6 +24,7 @@ import httpx
 
 from gateway.errors import BadRequest, TooManyRequests
 from gateway.faults import checkpoint_for
+from gateway.payment_services import open_payments
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
@@ -48,13 +49,12 @@ from generation import (
     guarded_client,
     resolve_target,
 )
-from payments import Network, get_network
+from payments import Network
 from payments.chain import Chain
 from payments.ledger import PaymentState, SqliteLedger
 from payments.processor import PaymentProcessor
-from payments.settler import Settler
 
-__all__ = ["Services", "open_services", "resolve_network"]
+__all__ = ["Services", "open_services"]
 
 log = logging.getLogger("x402.gateway")
 
@@ -136,20 +136,6 @@ class Services:
         return "whsec_" + base64.b64encode(digest).decode("ascii")
 
 
-def resolve_network(settings: Settings) -> Network:
-    base = get_network(settings.network)
-    if settings.asset is None and settings.chain_id is None:
-        return base
-    return Network(
-        name=base.name,
-        caip2=f"eip155:{settings.chain_id or base.chain_id}",
-        chain_id=settings.chain_id or base.chain_id,
-        usdc=settings.asset or base.usdc,
-        token_name=settings.token_name or base.token_name,
-        token_version=settings.token_version or base.token_version,
-    )
-
-
 @asynccontextmanager
 async def open_services(
     settings: Settings,
@@ -159,28 +145,17 @@ async def open_services(
     pay_to: str,
     clock: Callable[[], float],
 ) -> AsyncIterator[Services]:
-    network = resolve_network(settings)
     settings.media_dir.mkdir(parents=True, exist_ok=True)
-    settings.database.parent.mkdir(parents=True, exist_ok=True)
     policy = AddressPolicy(
         allow_private=settings.allow_private_urls, allowed_endpoints=settings.url_endpoints()
     )
 
     async with AsyncExitStack() as stack:
-        chain = Chain(settings.rpc_url, network.usdc, request_timeout=settings.rpc_timeout_seconds)
-        stack.push_async_callback(chain.close)
-        ledger = await SqliteLedger(settings.database).open()
-        stack.push_async_callback(ledger.close)
-        settler = Settler(chain, settler_key)
-        checkpoint = checkpoint_for(settings)  # a no-op unless dev-mode fault injection is on
-        processor = PaymentProcessor(
-            chain,
-            settler,
-            ledger,
-            clock,
-            settle_margin_s=settings.settle_margin_seconds,
-            checkpoint=checkpoint,
+        money = await stack.enter_async_context(
+            open_payments(settings, settler_key=settler_key, pay_to=pay_to, clock=clock)
         )
+        processor = money.processor
+        checkpoint = checkpoint_for(settings)
         tasks = await SqliteTaskStore(settings.database).open()
         stack.push_async_callback(tasks.close)
 
@@ -230,11 +205,11 @@ async def open_services(
         services = Services(
             settings=settings,
             prices=prices,
-            network=network,
+            network=money.network,
             pay_to=pay_to,
-            chain=chain,
+            chain=money.chain,
             processor=processor,
-            ledger=ledger,
+            ledger=money.ledger,
             tasks=tasks,
             workers=workers,
             media=media,
@@ -246,17 +221,14 @@ async def open_services(
         )
         workers.add_listener(lambda task: _on_task_done(services, task))
 
-        # Reconcile before serving: money first, then the work it paid for.
-        await processor.start()
-        report = await processor.reconcile()
-        log.info("reconciled payments: %s", report)
-        await _adopt_or_refund(services, report.needs_task)
+        # Reconciled before serving (open_payments): money first, then the work it paid for.
+        log.info("reconciled payments: %s", money.reconciled)
+        await _adopt_or_refund(services, money.reconciled.needs_task)
         await _refund_failed_tasks(services, since=clock() - REFUND_SWEEP_SECONDS)
         await workers.start(recover=True)
         stack.push_async_callback(workers.stop)
         pruner = asyncio.create_task(_prune_media(media, settings.media_retention_hours * 3600))
         stack.callback(pruner.cancel)
-        stack.push_async_callback(processor.drain)
         yield services
 
 

@@ -106,6 +106,25 @@ class Settings(BaseSettings):
             (str(ipaddress.ip_address(host.strip("[]"))), int(port)) for host, _, port in pairs
         )
 
+    # Proxy mode (`serve --upstream URL`): a paywall in front of any HTTP API instead of the
+    # generation routes. Routes and prices come from a TOML file (gateway/proxy_routes.py).
+    proxy_upstream: str | None = None
+    proxy_routes_file: Path | None = None
+    proxy_unpriced: Literal["pass", "refuse"] = "refuse"  # routes the file does not price
+    proxy_timeout_seconds: PositiveInt = 60
+    # HMAC key that signs the verified-payer headers sent upstream (the upstream checks it).
+    proxy_secret: SecretStr | None = None
+
+    # Remote facilitator mode: verify and settle through an x402 facilitator (`POST /verify`,
+    # `POST /settle`) instead of our own settler; the ledger still reserves first.
+    facilitator_url: str | None = None
+    facilitator_auth_header: SecretStr | None = None  # "Name: value", sent on every call
+    facilitator_timeout_seconds: PositiveInt = 30
+    facilitator_retries: int = Field(default=3, ge=0)
+
+    # Our facilitator service (`x402-gateway facilitator`): the bearer token callers must send.
+    facilitator_token: SecretStr | None = None
+
     mode: Literal["production", "dev"] = "production"
     # Test-only fault injection; refused outside dev mode.
     fault_injection: bool = False
