@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8402)
     serve.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-*")
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="proxy mode: sell the routes of --routes in front of this HTTP API",
+    )
+    serve.add_argument(
+        "--routes", type=Path, metavar="FILE", help="proxy mode: priced routes (TOML)"
+    )
+    serve.add_argument(
+        "--unpriced",
+        choices=("pass", "refuse"),
+        help="proxy mode: forward routes the file does not price, or refuse them (default)",
+    )
     serve.set_defaults(func=_serve)
 
     dev = sub.add_parser("dev", help="run a local Anvil chain with test USDC and the gateway")
@@ -58,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--payers", type=int, default=3, help="funded payer accounts to create")
     dev.set_defaults(func=_dev)
 
+    facilitator = sub.add_parser(
+        "facilitator",
+        help="serve our x402 facilitator (POST /verify, /settle, GET /supported; env settings)",
+    )
+    facilitator.add_argument("--host", default="127.0.0.1")
+    facilitator.add_argument("--port", type=int, default=8403)
+    facilitator.set_defaults(func=_facilitator)
+
     from gateway.payer_cli import add_commands
 
     add_commands(sub)  # quote, generate, balance
@@ -65,7 +86,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings(trust_forwarded_headers=args.proxy_headers)
+    proxy: dict[str, object] = {}
+    if args.upstream is not None:
+        proxy["proxy_upstream"] = args.upstream
+    if args.routes is not None:
+        proxy["proxy_routes_file"] = args.routes
+    if args.unpriced is not None:
+        proxy["proxy_unpriced"] = args.unpriced
+    settings = Settings(trust_forwarded_headers=args.proxy_headers, **proxy)  # type: ignore[arg-type]
     if settings.public_base_url is None:
         # Result URLs must be absolute; behind a proxy set X402_PUBLIC_BASE_URL instead.
         origin = f"http://{args.host}:{args.port}"
@@ -73,8 +101,15 @@ def _serve(args: argparse.Namespace) -> int:
             "X402_PUBLIC_BASE_URL is not set; media and resource URLs use %s", origin
         )
         settings = settings.model_copy(update={"public_base_url": origin})
-    settings.load_settler_key()  # fail fast, before binding the port
-    app = create_app(settings)
+    if settings.proxy_upstream is not None:
+        from gateway.proxy_app import create_proxy_app
+
+        app = create_proxy_app(settings)  # loads the key and the routes: fails before binding
+    elif settings.proxy_routes_file is not None or args.unpriced is not None:
+        raise SettingsError("--routes and --unpriced need --upstream URL (proxy mode)")
+    else:
+        settings.load_settler_key()  # fail fast, before binding the port
+        app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -83,6 +118,16 @@ def _serve(args: argparse.Namespace) -> int:
         log_level="info",
         access_log=False,
     )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _facilitator(args: argparse.Namespace) -> int:
+    from gateway.facilitator_app import create_facilitator_app
+
+    settings = Settings()
+    app = create_facilitator_app(settings)  # loads the settler key: fails before binding
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False)
     uvicorn.Server(config).run()
     return 0
 

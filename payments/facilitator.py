@@ -8,6 +8,13 @@ propagates so the route answers 503 and the resource server retries.
 
 Settling through the facilitator goes through the same ledger as the gateway's own payments, so
 a resource server that retries ``/settle`` gets the first outcome, never a second transfer.
+
+The requirements come from a stranger (the resource server), so they are checked against what
+this facilitator can settle before anything else: scheme ``exact``, our network (v1 by name,
+v2 by CAIP-2 id), our token (``asset``) and its EIP-712 name/version. A v2 ``accepted`` must
+equal ``paymentRequirements``; keys of ``extra`` beyond name/version are allowed when both
+sides carry the same values (resource servers add their own), except a transfer method other
+than EIP-3009.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from payments import reasons
-from payments.errors import InvalidPayment, SettlementFailed, UnknownNetworkError
-from payments.networks import Network, get_network
+from payments.eip3009 import normalize_address
+from payments.errors import InvalidPayment, SettlementFailed
+from payments.networks import Network
 from payments.processor import PaymentProcessor
 from payments.requirements import Requirement
 from payments.verify import Payment, match_requirement
@@ -41,6 +49,9 @@ __all__ = [
 ]
 
 _NO_RESOURCE: Final = "urn:x402:facilitator"
+_SCHEME: Final = "exact"
+_DOMAIN_KEYS: Final = frozenset({"name", "version"})
+_TRANSFER_METHOD: Final = "assetTransferMethod"
 
 
 class _Model(BaseModel):
@@ -51,9 +62,12 @@ class _Model(BaseModel):
 
 
 class FacilitatorRequest(_Model):
-    """Body of POST /verify and POST /settle (payload/requirements parsed per version later)."""
+    """Body of POST /verify and POST /settle (payload/requirements parsed per version later).
 
-    model_config = ConfigDict(extra="ignore")
+    Strict: an envelope that fails here is a malformed request (HTTP 400), not a payment fault.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     x402_version: int
     payment_payload: dict[str, Any]
@@ -74,6 +88,7 @@ class FacilitatorSettleResponse(_Model):
     transaction: str = ""
     network: str
     payer: str | None = None
+    amount: str | None = None  # atomic units actually moved (success only)
 
 
 class SupportedKind(_Model):
@@ -94,22 +109,23 @@ def _invalid_requirements(detail: str) -> InvalidPayment:
 
 
 class Facilitator:
-    """Serves the facilitator API for the processor's network and token."""
+    """Serves the facilitator API for the processor's network and token (``network.usdc``)."""
 
     def __init__(self, processor: PaymentProcessor, network: Network, settler_address: str) -> None:
         self._processor = processor
         self._network = network
         self._settler_address = settler_address
+        self._asset = normalize_address(network.usdc)  # a configured override may be lowercase
 
     def supported(self) -> SupportedResponse:
         extra = {"name": self._network.token_name, "version": self._network.token_version}
         return SupportedResponse(
             kinds=[
                 SupportedKind(
-                    x402_version=2, scheme="exact", network=self._network.caip2, extra=extra
+                    x402_version=2, scheme=_SCHEME, network=self._network.caip2, extra=extra
                 ),
                 SupportedKind(
-                    x402_version=1, scheme="exact", network=self._network.name, extra=extra
+                    x402_version=1, scheme=_SCHEME, network=self._network.name, extra=extra
                 ),
             ],
             signers={"eip155:*": [self._settler_address]},
@@ -117,55 +133,69 @@ class Facilitator:
 
     # -- request -> Payment ----------------------------------------------------------------------
 
-    def _requirement(self, version: int, raw: dict[str, Any], resource: str) -> Requirement:
+    def _network_id(self, version: int) -> str:
+        return self._network.caip2 if version == 2 else self._network.name
+
+    def _requirement(
+        self, version: int, raw: dict[str, Any], resource: str
+    ) -> tuple[Requirement, dict[str, Any]]:
+        """The requirement as a typed value (checked against what we settle), and its raw
+        ``extra``."""
+        wire: PaymentRequirementsV1 | PaymentRequirementsV2
         try:
             if version == 2:
-                v2 = PaymentRequirementsV2.model_validate(raw)
-                network_id, amount_text = v2.network, v2.amount
-                pay_to, asset, timeout, extra = (
-                    v2.pay_to,
-                    v2.asset,
-                    v2.max_timeout_seconds,
-                    v2.extra,
-                )
+                wire = PaymentRequirementsV2.model_validate(raw)
+                amount_text = wire.amount
             else:
-                v1 = PaymentRequirementsV1.model_validate(raw)
-                network_id, amount_text = v1.network, v1.max_amount_required
-                pay_to, asset, timeout, extra = (
-                    v1.pay_to,
-                    v1.asset,
-                    v1.max_timeout_seconds,
-                    v1.extra,
-                )
-                resource = v1.resource or resource
+                wire = PaymentRequirementsV1.model_validate(raw)
+                amount_text = wire.max_amount_required
+                resource = wire.resource or resource
         except ValidationError as exc:
             raise _invalid_requirements(
                 f"paymentRequirements: {exc.error_count()} error(s)"
             ) from None
-        try:
-            network = get_network(network_id)
-        except UnknownNetworkError:
+        if wire.scheme != _SCHEME:
             raise InvalidPayment(
-                reasons.INVALID_NETWORK, f"unsupported network {network_id!r}"
-            ) from None
-        if network.chain_id != self._network.chain_id:
-            raise InvalidPayment(
-                reasons.INVALID_NETWORK, f"this facilitator settles {self._network.caip2}"
+                reasons.UNSUPPORTED_SCHEME, f"this facilitator settles {_SCHEME!r}"
             )
-        extra = extra or {}
+        if wire.network != self._network_id(version):
+            raise InvalidPayment(
+                reasons.INVALID_NETWORK,
+                f"this facilitator settles {self._network_id(version)!r} in x402 v{version}",
+            )
+        extra = dict(wire.extra or {})
+        method = extra.get(_TRANSFER_METHOD, "eip3009")
+        if method != "eip3009":
+            raise InvalidPayment(
+                reasons.UNSUPPORTED_SCHEME, f"{_TRANSFER_METHOD} {method!r} is not supported"
+            )
         try:
-            return Requirement(
-                network=network,
+            asset = normalize_address(wire.asset)
+        except (ValueError, TypeError):
+            raise _invalid_requirements("asset is not an address") from None
+        if asset != self._asset:
+            raise InvalidPayment(reasons.ASSET_MISMATCH, f"this facilitator settles {self._asset}")
+        name, version_text = extra.get("name"), extra.get("version")
+        if name is not None and name != self._network.token_name:
+            raise InvalidPayment(reasons.TOKEN_NAME_MISMATCH, "extra.name is not the token's name")
+        if version_text is not None and version_text != self._network.token_version:
+            raise InvalidPayment(
+                reasons.TOKEN_VERSION_MISMATCH, "extra.version is not the token's version"
+            )
+        try:
+            requirement = Requirement(
+                network=self._network,
                 amount=parse_uint256(amount_text, "amount"),
-                pay_to=pay_to,
+                pay_to=wire.pay_to,
                 asset=asset,
                 resource_url=resource or _NO_RESOURCE,
-                max_timeout_seconds=timeout,
-                token_name=str(extra.get("name") or ""),
-                token_version=str(extra.get("version") or ""),
+                max_timeout_seconds=wire.max_timeout_seconds,
             )
+        except InvalidPayment as exc:
+            raise _invalid_requirements(exc.detail) from None
         except (ValueError, TypeError) as exc:
             raise _invalid_requirements(str(exc)) from None
+        return requirement, extra
 
     def _payment(self, body: FacilitatorRequest | dict[str, Any]) -> Payment:
         try:
@@ -193,11 +223,10 @@ class Facilitator:
         resource = ""
         if isinstance(payload, PaymentPayloadV2) and payload.resource is not None:
             resource = payload.resource.url
-        requirement = self._requirement(version, request.payment_requirements, resource)
+        requirement, extra = self._requirement(version, request.payment_requirements, resource)
+        if isinstance(payload, PaymentPayloadV2):
+            payload = _domain_extra_only(payload, extra)
         return match_requirement(payload, [requirement])
-
-    def _network_id(self, version: int) -> str:
-        return self._network.caip2 if version == 2 else self._network.name
 
     # -- API -------------------------------------------------------------------------------------
 
@@ -214,11 +243,10 @@ class Facilitator:
         return VerifyResponse(is_valid=True, payer=payer)
 
     async def settle(self, body: FacilitatorRequest | dict[str, Any]) -> FacilitatorSettleResponse:
-        version: Literal[1, 2] = 2
+        version: Literal[1, 2] = 1 if _claimed_version(body) == 1 else 2
         payer: str | None = None
         try:
             payment = self._payment(body)
-            version = 1 if payment.version == 1 else 2
             payer = payment.payer
             settled = await self._processor.settle_payment(payment)
         except (InvalidPayment, SettlementFailed) as exc:
@@ -234,4 +262,23 @@ class Facilitator:
             transaction=settled.tx_hash,
             network=self._network_id(version),
             payer=settled.payer,
+            amount=str(settled.amount),
         )
+
+
+def _claimed_version(body: FacilitatorRequest | dict[str, Any]) -> object:
+    return body.x402_version if isinstance(body, FacilitatorRequest) else body.get("x402Version")
+
+
+def _domain_extra_only(payload: PaymentPayloadV2, extra: dict[str, Any]) -> PaymentPayloadV2:
+    """``accepted`` with the keys of ``extra`` we do not use taken out, once they are known to
+    equal the requirement's (the match compares the token's name/version and nothing else)."""
+    accepted_extra = payload.accepted.extra or {}
+    foreign = (set(accepted_extra) | set(extra)) - _DOMAIN_KEYS
+    if not foreign:
+        return payload
+    if any(accepted_extra.get(key) != extra.get(key) for key in foreign):
+        raise _invalid_requirements("accepted.extra differs from paymentRequirements.extra")
+    kept = {k: v for k, v in accepted_extra.items() if k in _DOMAIN_KEYS}
+    accepted = payload.accepted.model_copy(update={"extra": kept})
+    return payload.model_copy(update={"accepted": accepted})
