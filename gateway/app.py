@@ -22,6 +22,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from gateway.cors import OriginOnlyCORS
+from gateway.discovery import (
+    SCHEMA_PATH,
+    WELL_KNOWN_PATH,
+    Listing,
+    discovery_endpoint,
+    generation_price_rule,
+    schema_endpoint,
+)
 from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
 from gateway.middleware import PaymentMiddleware, PaymentService
 from gateway.payment_services import resolve_network
@@ -88,12 +96,22 @@ def create_app(
     async def on_infrastructure(request: Request, exc: Exception) -> Response:
         return problem_response(ServiceUnavailable("storage or chain unavailable; retry later"))
 
+    resource_url = _resource_url(settings)
+    listings = [Listing(priced, generation_price_rule(price_book))]
     routes = [
         Route("/generation/create", create_generation, methods=["POST"]),
         Route("/generation/{task_id}/status", task_status, methods=["GET"]),
         Route("/generation/{task_id}/events", task_events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        Route(
+            WELL_KNOWN_PATH,
+            discovery_endpoint(
+                lambda: listings, network=network, pay_to=pay_to, resource_url=resource_url
+            ),
+            methods=["GET"],
+        ),
+        Route(SCHEMA_PATH, schema_endpoint, methods=["GET"]),
         Mount(
             "/media",
             app=StaticFiles(directory=settings.media_dir, check_dir=False),
@@ -112,7 +130,7 @@ def create_app(
             PaymentMiddleware,
             routes=[priced],
             service=payment_service,
-            resource_url=_resource_url(settings),
+            resource_url=resource_url,
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_payment_header_bytes,
             on_unaccepted=refund_unaccepted,
