@@ -18,6 +18,12 @@ Send outcomes (the processor relies on the distinction):
 - ``SendUncertain``: transport failure mid-send -> it may have been broadcast (never release;
   reconcile from the receipt / the token's authorizationState).
 
+Confirmation: one confirmer task per settler polls the account's mined nonce count (one cheap
+read per tick for every waiting transaction) and fetches, in one batch, the receipts of the
+transactions that count has passed. No receipt is asked for a transaction still in the pool,
+and the waiters of one block are released together, so their next settlements reach the node
+together too. Hashes this settler did not send (after a restart) are polled one by one.
+
 Fees: ``eth_gasPrice`` is read at start and refreshed at most every ``fee_refresh_s`` (not per
 request); ``maxFeePerGas = gasPrice * max_fee_multiplier + tip`` leaves headroom for base-fee
 growth between refreshes. Gas limits are fixed and generous (a first-use authorization with a
@@ -31,6 +37,7 @@ is another wallet must keep the settler funded with USDC for refunds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -115,6 +122,8 @@ class GasSettings:
 
 
 _UNCONFIRMED_KEPT = 10_000
+_CONFIRM_POLL_FIRST_S: Final = 0.001
+_CONFIRM_POLL_MAX_S: Final = 0.1
 
 
 def _nonce_error(message: str) -> bool:
@@ -154,7 +163,11 @@ class Settler:
         self._chain_id: int | None = None
         self._queue: deque[_Outgoing] = deque()
         self._sender: asyncio.Task[None] | None = None
-        self._unconfirmed: dict[str, bytes] = {}  # tx hash -> signed bytes, until confirmed
+        # tx hash -> (signed bytes, nonce), until confirmed
+        self._unconfirmed: dict[str, tuple[bytes, int]] = {}
+        self._waiters: dict[str, asyncio.Future[Receipt]] = {}
+        self._confirmer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self._anvil_pool = True  # until the node says it has no anvil_dropTransaction
 
     def __repr__(self) -> str:  # never show the key
@@ -268,8 +281,8 @@ class Settler:
                 batch[index].fail(record_error)
                 return [*batch[:index], *batch[index + 1 :]]  # same hashes would leave a gap
 
-        for _, tx_hash, raw in signed:
-            self._unconfirmed[tx_hash] = raw
+        for offset, (_, tx_hash, raw) in enumerate(signed):
+            self._unconfirmed[tx_hash] = (raw, first + offset)
         while len(self._unconfirmed) > _UNCONFIRMED_KEPT:  # never waited for (e.g. fillers)
             del self._unconfirmed[next(iter(self._unconfirmed))]
         try:
@@ -362,7 +375,7 @@ class Settler:
             while True:
                 left = deadline - self._monotonic()
                 try:
-                    return await self._chain.wait_receipt(
+                    return await self._receipt(
                         tx_hash, max(0.0, min(self.gas.rebroadcast_after_s, left))
                     )
                 except ReceiptTimeout:
@@ -380,11 +393,72 @@ class Settler:
             raise
         finally:
             self._unconfirmed.pop(tx_hash, None)
+            waiter = self._waiters.pop(tx_hash, None)
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+
+    async def _receipt(self, tx_hash: str, timeout_s: float) -> Receipt:
+        """The receipt of a transaction. Ours (sent by this settler, nonce known) are confirmed
+        by the one confirmer task; any other hash is polled for on its own."""
+        if tx_hash not in self._unconfirmed:
+            return await self._chain.wait_receipt(tx_hash, timeout_s)
+        waiter = self._waiters.get(tx_hash)
+        if waiter is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[tx_hash] = waiter
+            self._wake.set()
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = asyncio.create_task(self._confirm_loop())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            raise ReceiptTimeout(tx_hash, timeout_s) from None
+
+    async def _confirm_loop(self) -> None:
+        """Confirm every waiting transaction of ours from ONE cheap read per tick: the
+        account's mined nonce count. Only the transactions it has passed are asked for their
+        receipt, all in one batch. Waiters are thus released together, once per block, and
+        their next settlements reach the node together: bigger blocks, fewer of them (on Anvil
+        every block costs more than the transactions in it), and no receipt polls for
+        transactions still in the pool."""
+        delay = _CONFIRM_POLL_FIRST_S
+        while self._waiters:
+            self._wake.clear()
+            released = 0
+            try:
+                mined = await self._chain.transaction_count(self.address, "latest")
+                due = [
+                    tx_hash
+                    for tx_hash in self._waiters
+                    if self._unconfirmed.get(tx_hash, (b"", -1))[1] < mined
+                ]
+                if due:
+                    receipts = await asyncio.gather(*(self._chain.get_receipt(h) for h in due))
+                    for tx_hash, receipt in zip(due, receipts, strict=True):
+                        waiter = self._waiters.get(tx_hash)
+                        # None: the node's index trails its nonce count; asked again next tick
+                        if receipt is not None and waiter is not None:
+                            del self._waiters[tx_hash]
+                            if not waiter.done():
+                                waiter.set_result(receipt)
+                            released += 1
+            except InfrastructureError as exc:
+                log.debug("confirmer poll failed: %s", exc)  # the waiters' deadlines decide
+            delay = _CONFIRM_POLL_FIRST_S if released else min(delay * 2, _CONFIRM_POLL_MAX_S)
+            if not self._waiters:
+                return
+            with contextlib.suppress(TimeoutError):
+                # a new transaction to wait for restarts the fast polling
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if self._wake.is_set():
+                delay = _CONFIRM_POLL_FIRST_S
+                await asyncio.sleep(delay)
 
     async def _rebroadcast(self, tx_hash: str, *, reinsert: bool = False) -> None:
-        raw = self._unconfirmed.get(tx_hash)
-        if raw is None:
+        entry = self._unconfirmed.get(tx_hash)
+        if entry is None:
             return
+        raw = entry[0]
         if reinsert and self._anvil_pool:
             # Anvil only: its pool can hold a transaction it never promotes to ready (it stays
             # pending while its nonce is next; foundry-rs/foundry#10122), so the same bytes are
