@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from eth_account import Account
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -32,7 +31,7 @@ from gateway.discovery import (
 )
 from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
 from gateway.middleware import PaymentMiddleware, PaymentService
-from gateway.payment_services import resolve_network
+from gateway.payment_services import resolve_network, resolve_payee
 from gateway.pricing import PriceBook, load_price_book
 from gateway.quoting import CreateGenerationRoute
 from gateway.ratelimit import TokenBuckets
@@ -55,8 +54,7 @@ def create_app(
 ) -> Starlette:
     price_book = prices or load_price_book(settings.pricing_file)
     network = resolve_network(settings)
-    settler_key = settings.load_settler_key()
-    pay_to = settings.pay_to or Account.from_key(settler_key).address
+    settler_key, pay_to = resolve_payee(settings)  # no key needed with a remote facilitator
     holder: dict[str, Services] = {}
 
     @asynccontextmanager

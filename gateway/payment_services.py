@@ -1,6 +1,10 @@
 """The money half of the composition root: chain adapter, ledger, settler and processor, opened,
 started and reconciled together. Every face of the product builds on it: the generation
 gateway, proxy mode and the facilitator service.
+
+With ``settings.facilitator_url`` the processor verifies and settles through that remote
+facilitator; the settler key is then optional (no hot wallet), and without one refunds cannot
+be sent (``resolve_payee`` requires ``pay_to`` instead).
 """
 
 from __future__ import annotations
@@ -10,15 +14,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
+from eth_account import Account
+
 from gateway.faults import checkpoint_for
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from payments import Network, get_network
 from payments.chain import Chain
+from payments.eip3009 import normalize_address
 from payments.ledger import SqliteLedger
 from payments.processor import PaymentProcessor, ReconcileReport
+from payments.remote_facilitator import RemoteFacilitator, parse_auth_header
 from payments.settler import Settler
 
-__all__ = ["PaymentServices", "open_payments", "resolve_network"]
+__all__ = ["PaymentServices", "open_payments", "resolve_network", "resolve_payee"]
 
 
 @dataclass
@@ -29,7 +37,7 @@ class PaymentServices:
     chain: Chain
     ledger: SqliteLedger
     processor: PaymentProcessor
-    settler_address: str
+    settler_address: str  # "" when there is no settler key (remote facilitator mode)
     reconciled: ReconcileReport = field(default_factory=ReconcileReport)
 
 
@@ -47,11 +55,35 @@ def resolve_network(settings: Settings) -> Network:
     )
 
 
+def resolve_payee(settings: Settings) -> tuple[str | None, str]:
+    """``(settler key or None, pay_to)``. The key is required unless a remote facilitator
+    settles (then ``pay_to`` is, since there is no settler address to default to)."""
+    remote = settings.facilitator_url is not None
+    if remote and settings.facilitator_auth_header is not None:
+        try:
+            parse_auth_header(settings.facilitator_auth_header.get_secret_value())
+        except ValueError as exc:
+            raise SettingsError(f"X402_FACILITATOR_AUTH_HEADER: {exc}") from None
+    key: str | None = None
+    if not remote or settings.settler_key is not None or settings.settler_key_file is not None:
+        key = settings.load_settler_key()
+    if settings.pay_to:
+        try:
+            return key, normalize_address(settings.pay_to)
+        except ValueError as exc:
+            raise SettingsError(f"X402_PAY_TO is not an address: {exc}") from None
+    if key is None:
+        raise SettingsError(
+            "remote facilitator mode without a settler key needs X402_PAY_TO (the address paid)"
+        )
+    return key, normalize_address(Account.from_key(key).address)
+
+
 @asynccontextmanager
 async def open_payments(
     settings: Settings,
     *,
-    settler_key: str,
+    settler_key: str | None,
     pay_to: str,
     clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[PaymentServices]:
@@ -64,7 +96,17 @@ async def open_payments(
         stack.push_async_callback(chain.close)
         ledger = await SqliteLedger(settings.database).open()
         stack.push_async_callback(ledger.close)
-        settler = Settler(chain, settler_key)
+        settler = Settler(chain, settler_key) if settler_key is not None else None
+        remote: RemoteFacilitator | None = None
+        if settings.facilitator_url is not None:
+            auth = settings.facilitator_auth_header
+            remote = RemoteFacilitator(
+                settings.facilitator_url,
+                auth_header=auth.get_secret_value() if auth is not None else None,
+                timeout_s=settings.facilitator_timeout_seconds,
+                retries=settings.facilitator_retries,
+            )
+            stack.push_async_callback(remote.aclose)
         processor = PaymentProcessor(
             chain,
             settler,
@@ -72,6 +114,7 @@ async def open_payments(
             clock,
             settle_margin_s=settings.settle_margin_seconds,
             checkpoint=checkpoint_for(settings),  # a no-op unless dev-mode fault injection is on
+            facilitator=remote,
         )
         await processor.start()
         report = await processor.reconcile()
@@ -83,6 +126,6 @@ async def open_payments(
             chain=chain,
             ledger=ledger,
             processor=processor,
-            settler_address=settler.address,
+            settler_address=settler.address if settler is not None else "",
             reconciled=report,
         )

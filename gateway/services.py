@@ -141,7 +141,7 @@ async def open_services(
     settings: Settings,
     prices: PriceBook,
     *,
-    settler_key: str,
+    settler_key: str | None,
     pay_to: str,
     clock: Callable[[], float],
 ) -> AsyncIterator[Services]:

@@ -28,6 +28,26 @@ Failure policy (the reservation is released ONLY when provably nothing was broad
 
 The settlement itself runs in a task shielded from the request: a client that disconnects
 mid-settlement cannot leave the ledger half-way.
+
+Remote facilitator mode (``facilitator=RemoteFacilitator``; the settler key is then optional):
+the same offline checks, then the facilitator's ``/verify`` instead of the simulation; reserve
+in the ledger first, as always; then its ``/settle``. Its answer is checked on chain before the
+row is settled (``reserved -> submitted(tx) -> settled``, the receipt must hold the Transfer).
+- a refusal -> ``failed(reason)``, ``SettlementFailed`` (402) -- unless the chain shows the
+  authorization used (then it settled, by that tx), or an earlier attempt may still be mined
+  (a lost answer, or a refusal that may follow a broadcast such as ``transaction_failed``):
+  then the row stays ``reserved`` and the answer is 503 until the chain or the authorization's
+  expiry decides;
+- no answer (transport, timeout, 5xx): the row stays ``reserved`` (released only when no
+  attempt can have reached the facilitator), ``InfrastructureError`` (503). A retry of the
+  same header asks the chain first, then ``/settle`` again: the token refuses a used nonce, so
+  this can never move the money twice, and a "nonce already used" answer is resolved from the
+  chain (``AuthorizationUsed`` log -> receipt -> Transfer).
+- ``reconcile()``: such a ``reserved`` row is settled from the chain if the authorization was
+  used, failed once it expired unused, and left for later otherwise (never released: the
+  facilitator may still broadcast it).
+- no settler key: ``refund`` raises ``InfrastructureError``; the payment stays ``settled`` and
+  is logged as owed.
 """
 
 from __future__ import annotations
@@ -35,13 +55,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from payments import reasons
-from payments.chain import Chain
+from payments.chain import Chain, Receipt
 from payments.eip3009 import Authorization, normalize_address, recover_signer
 from payments.errors import InfrastructureError, InvalidPayment, PaymentError, SettlementFailed
 from payments.ledger import (
@@ -53,6 +74,12 @@ from payments.ledger import (
     PaymentState,
 )
 from payments.networks import Network
+from payments.remote_facilitator import (
+    FacilitatorUnavailable,
+    Refusal,
+    RemoteFacilitator,
+    Settlement,
+)
 from payments.requirements import Requirement
 from payments.settler import SendRejected, SendUncertain, Settler
 from payments.verify import DEFAULT_SETTLE_MARGIN_S, Payment, match_requirement, verify_offline
@@ -76,6 +103,18 @@ _REPLAY_TIME_REASONS: Final = frozenset(
 _SETTLED_STATES: Final = frozenset(
     {PaymentState.SETTLED, PaymentState.REFUND_SUBMITTED, PaymentState.REFUNDED}
 )
+# Facilitator refusals that may come after its transaction was broadcast (a revert, a receipt
+# timeout, a send error): that transaction may still be mined, so they are not final.
+_MAYBE_SENT_REASONS: Final = frozenset(
+    {
+        reasons.TRANSACTION_FAILED,
+        reasons.UNEXPECTED_SETTLE_ERROR,
+        reasons.INVALID_TRANSACTION_STATE,
+        reasons.TRANSFER_EVENT_MISMATCH,
+        "settlement_pending",
+    }
+)
+_TX_HASH: Final = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +172,47 @@ def _key(auth: Authorization, chain_id: int, asset: str) -> _Key:
     return (chain_id, asset, auth.from_, auth.nonce)
 
 
+class _RemoteInvalid(InvalidPayment):
+    """The facilitator's /verify refused a payment our offline checks (signature included)
+    passed: it may be a replay of one settled here, so the ledger is looked up first."""
+
+
+def _check_transfer(chain: Chain, receipt: Receipt, payer: str, pay_to: str, amount: int) -> None:
+    """Succeeded AND moved exactly ``amount`` from payer to payTo (as ``Settler.check_transfer``,
+    without needing a settler: remote mode may have no key)."""
+    if not receipt.succeeded:
+        raise SettlementFailed(reasons.TRANSACTION_FAILED, f"{receipt.tx_hash} reverted")
+    payer, pay_to = normalize_address(payer), normalize_address(pay_to)
+    for transfer in chain.transfer_logs(receipt):
+        if transfer.from_ == payer and transfer.to == pay_to and transfer.value == amount:
+            return
+    raise SettlementFailed(
+        reasons.TRANSFER_EVENT_MISMATCH, f"{receipt.tx_hash} has no matching Transfer log"
+    )
+
+
 class PaymentProcessor:
     def __init__(
         self,
         chain: Chain,
-        settler: Settler,
+        settler: Settler | None,
         ledger: Ledger,
         clock: Callable[[], float] = time.time,
         *,
         settle_margin_s: int = DEFAULT_SETTLE_MARGIN_S,
         log_lookback_blocks: int = 50_000,
         checkpoint: Callable[[str], None] = _no_checkpoint,
+        facilitator: RemoteFacilitator | None = None,
+        receipt_timeout_s: float = 30.0,
     ) -> None:
+        if settler is None and facilitator is None:
+            raise ValueError("a processor needs a settler, a remote facilitator, or both")
         self._chain = chain
         self._settler = settler
+        # eth_call sender of the simulation (local mode only)
+        self._sim_sender = settler.address if settler is not None else ""
+        self._remote = facilitator
+        self._receipt_timeout_s = receipt_timeout_s
         self._ledger = ledger
         self._clock = clock
         self._settle_margin_s = settle_margin_s
@@ -159,7 +225,10 @@ class PaymentProcessor:
     async def start(self) -> None:
         """Warm caches (chain id, settler nonce and fees). Call from the app's lifespan."""
         self._chain_id = await self._chain.chain_id()
-        await self._settler.start()
+        if self._settler is not None:
+            await self._settler.start()
+        if self._remote is not None:
+            await self._check_facilitator(self._remote)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Let in-flight settlements finish (graceful shutdown)."""
@@ -237,12 +306,15 @@ class PaymentProcessor:
         """Every check short of sending: offline, EIP-1271, one ``eth_call`` simulation."""
         await self._chain_id_checked(payment.requirement.network)
         contract_wallet = await self._check_signature(payment, now=self._now())
-        await self._chain.simulate_transfer(
-            payment.authorization,
-            payment.signature,
-            self._settler.address,
-            contract_wallet=contract_wallet,
-        )
+        if self._remote is None:
+            await self._chain.simulate_transfer(
+                payment.authorization,
+                payment.signature,
+                self._sim_sender,
+                contract_wallet=contract_wallet,
+            )
+        else:
+            await self._verify_remote(self._remote, payment)
         return Verified(payment, contract_wallet)
 
     async def verify(
@@ -291,7 +363,11 @@ class PaymentProcessor:
         running = self._inflight.get(key)
         if running is not None:
             return self._as_replay(await asyncio.shield(running), verified.payment)
-        task = asyncio.create_task(self._reserve_and_settle(verified, key))
+        task = asyncio.create_task(
+            self._reserve_and_settle(verified, key)
+            if self._remote is None
+            else self._settle_remote(verified, key)
+        )
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._task_done(key, t))
         return await asyncio.shield(task)
@@ -315,7 +391,9 @@ class PaymentProcessor:
         self, payment: Payment, key: _Key, exc: InvalidPayment
     ) -> Settled | None:
         """Is the failed check explained by an earlier use of this authorization HERE?"""
-        if exc.reason not in _REPLAY_SIM_REASONS | _REPLAY_TIME_REASONS:
+        if exc.reason not in _REPLAY_SIM_REASONS | _REPLAY_TIME_REASONS and not isinstance(
+            exc, _RemoteInvalid
+        ):
             return None
         running = self._inflight.get(key)
         row = None
@@ -328,6 +406,9 @@ class PaymentProcessor:
         if running is not None:
             return self._as_replay(await asyncio.shield(running), payment)
         assert row is not None
+        if self._remote is not None and row.state is PaymentState.RESERVED:
+            # an earlier remote settlement of it ended without an answer: finish it now
+            return await self._settle_once(Verified(payment, contract_wallet=False), key)
         return await self._outcome(row, payment)
 
     async def _reserve_and_settle(self, verified: Verified, key: _Key) -> Settled:
@@ -355,8 +436,10 @@ class PaymentProcessor:
         async def record(tx_hash: str) -> None:
             await self._ledger.mark_submitted(payment_id, tx_hash)
 
+        settler = self._settler
+        assert settler is not None  # local mode (no remote facilitator) always has one
         try:
-            tx_hash = await self._settler.submit(
+            tx_hash = await settler.submit(
                 auth,
                 payment.signature,
                 contract_wallet=verified.contract_wallet,
@@ -380,9 +463,7 @@ class PaymentProcessor:
             tx_hash,
         )
         try:
-            await self._settler.confirm(
-                tx_hash, payer=auth.from_, pay_to=auth.to, amount=auth.value
-            )
+            await settler.confirm(tx_hash, payer=auth.from_, pay_to=auth.to, amount=auth.value)
         except SettlementFailed as exc:
             row = await self._after_failed_tx(await self._ledger.get(payment_id), exc.reason)
             if row.state is not PaymentState.SETTLED:
@@ -430,6 +511,150 @@ class PaymentProcessor:
             raise SettlementFailed(reason, "the first attempt with this authorization failed")
         raise InfrastructureError("this authorization is still being settled; retry shortly")
 
+    # -- remote facilitator ----------------------------------------------------------------------
+
+    async def _check_facilitator(self, remote: RemoteFacilitator) -> None:
+        """Start-up hint only: a facilitator that is down now may be up for the first payment."""
+        try:
+            kinds = await remote.supported()
+        except InfrastructureError as exc:
+            log.warning("facilitator %s not reachable at start-up: %s", remote.url, exc)
+            return
+        caip2 = f"eip155:{self._chain_id}"
+        if not any(k.scheme == "exact" and k.network == caip2 for k in kinds):
+            log.error(
+                "facilitator %s does not list the exact scheme on %s: payments may be refused",
+                remote.url,
+                caip2,
+            )
+
+    async def _verify_remote(self, remote: RemoteFacilitator, payment: Payment) -> None:
+        verdict = await remote.verify(payment)
+        if not verdict.is_valid:
+            raise _RemoteInvalid(
+                verdict.reason or reasons.UNEXPECTED_VERIFY_ERROR,
+                verdict.message or "the facilitator refused the payment",
+            )
+        if verdict.payer is not None and verdict.payer.lower() != payment.payer.lower():
+            log.warning("facilitator /verify named payer %s for %s", verdict.payer, payment.payer)
+
+    async def _settle_remote(self, verified: Verified, key: _Key) -> Settled:
+        """Reserve, then the facilitator's /settle (see the module docstring)."""
+        remote = self._remote
+        assert remote is not None
+        payment = verified.payment
+        auth = payment.authorization
+        req = payment.requirement
+        row, created = await self._ledger.reserve(
+            NewPayment(
+                chain_id=key[0],
+                asset=req.asset,
+                payer=auth.from_,
+                nonce=auth.nonce,
+                amount=auth.value,
+                pay_to=auth.to,
+                network=req.network.caip2,
+                version=payment.version,
+                valid_before=auth.valid_before,
+            )
+        )
+        if not created:
+            if row.state is not PaymentState.RESERVED:
+                return await self._outcome(row, payment)
+            if row.amount != auth.value or normalize_address(row.pay_to) != auth.to:
+                raise InvalidPayment(
+                    reasons.NONCE_ALREADY_USED, "this authorization nonce paid another payment"
+                )
+            # An earlier /settle ended without an answer: did it move the money?
+            used = await self._used_by(row)
+            if used:
+                settled = await self._settle_from_chain(row, used)
+                if settled is not None:
+                    log.info("settled from chain payment=%s tx=%s", row.id, used)
+                    return self._settled(settled, payment, replay=True)
+        self._checkpoint("after_reserve")
+        outcome = await remote.settle(payment)
+        if isinstance(outcome, Settlement):
+            return await self._confirm_remote(row, payment, outcome.transaction, replay=not created)
+        if isinstance(outcome, Refusal):
+            earlier = not created or outcome.after_uncertain
+            return await self._after_refusal(row, payment, outcome, earlier_uncertain=earlier)
+        if created and not outcome.maybe_reached:
+            await self._release_quietly(row.id)  # no attempt reached it: nothing can move
+            raise FacilitatorUnavailable(f"facilitator unavailable: {outcome.detail}")
+        log.warning(
+            "remote settlement uncertain payment=%s payer=%s: %s",
+            row.id,
+            auth.from_,
+            outcome.detail,
+        )
+        raise FacilitatorUnavailable(
+            f"the facilitator's answer was lost ({outcome.detail}); retry with the same header"
+        )
+
+    async def _confirm_remote(
+        self, row: PaymentRecord, payment: Payment, tx_hash: str, *, replay: bool
+    ) -> Settled:
+        """The facilitator says ``tx_hash`` settled it: record it, then believe the chain."""
+        if _TX_HASH.fullmatch(tx_hash) is None:
+            used = await self._used_by(row)
+            settled = await self._settle_from_chain(row, used) if used else None
+            if settled is None:
+                raise InfrastructureError(f"the facilitator answered no usable tx ({tx_hash!r})")
+            return self._settled(settled, payment, replay=replay)
+        row = await self._ledger.mark_submitted(row.id, tx_hash)
+        self._checkpoint("after_send")
+        receipt = await self._chain.wait_receipt(tx_hash, self._receipt_timeout_s)
+        try:
+            _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
+        except SettlementFailed as exc:
+            row = await self._after_failed_tx(row, exc.reason)
+            if row.state is not PaymentState.SETTLED:
+                log.warning("remote settlement failed payment=%s reason=%s", row.id, exc.reason)
+                raise
+        else:
+            row = await self._ledger.mark_settled(row.id)
+        log.info(
+            "settled by facilitator payment=%s payer=%s amount=%d tx=%s",
+            row.id,
+            row.payer,
+            row.amount,
+            row.tx_hash,
+        )
+        return self._settled(row, payment, replay=replay)
+
+    async def _after_refusal(
+        self,
+        row: PaymentRecord,
+        payment: Payment,
+        refusal: Refusal,
+        *,
+        earlier_uncertain: bool,
+    ) -> Settled:
+        """A refusal is final only if the chain agrees nothing moved and nothing still can."""
+        used = await self._used_by(row)
+        if used:
+            settled = await self._settle_from_chain(row, used)
+            if settled is not None:
+                log.info("settled from chain after a refusal payment=%s tx=%s", row.id, used)
+                return self._settled(settled, payment, replay=earlier_uncertain)
+        elif (
+            used is None
+            and (earlier_uncertain or refusal.reason in _MAYBE_SENT_REASONS)
+            and row.valid_before > self._now()
+        ):
+            log.warning(
+                "facilitator refused payment=%s (%s) but an attempt may still be mined",
+                row.id,
+                refusal.reason,
+            )
+            raise FacilitatorUnavailable(
+                f"settlement not final yet ({refusal.reason}); retry with the same header"
+            )
+        await self._ledger.mark_failed(row.id, refusal.reason)
+        log.info("facilitator refused payment=%s reason=%s", row.id, refusal.reason)
+        raise SettlementFailed(refusal.reason, refusal.message)
+
     # -- resolving uncertain rows ----------------------------------------------------------------
 
     async def _used_by(self, row: PaymentRecord) -> str | None:
@@ -447,7 +672,7 @@ class PaymentProcessor:
         if receipt is None:
             return None
         try:
-            self._settler.check_transfer(receipt, row.payer, row.pay_to, row.amount)
+            _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
         except SettlementFailed:
             return None
         return await self._ledger.mark_settled(row.id, tx_hash)
@@ -468,7 +693,7 @@ class PaymentProcessor:
         receipt = await self._chain.get_receipt(row.tx_hash)
         if receipt is not None:
             try:
-                self._settler.check_transfer(receipt, row.payer, row.pay_to, row.amount)
+                _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
             except SettlementFailed as exc:
                 return await self._after_failed_tx(row, exc.reason)
             return await self._ledger.mark_settled(row.id)
@@ -508,6 +733,14 @@ class PaymentProcessor:
             if settled is not None:
                 report.settled.append(row.id)
                 report.needs_task.append(row.id)
+            elif used is None and self._remote is not None:
+                # A remote /settle may have reached the facilitator: it may still broadcast
+                # the authorization until it expires, so the row is only ever failed after.
+                if row.valid_before > self._now():
+                    report.unresolved.append(row.id)
+                else:
+                    await self._ledger.mark_failed(row.id, reasons.VALID_BEFORE_EXPIRED)
+                    report.failed.append(row.id)
             elif used is None:
                 # Unused on chain and never broadcast: forget the reservation, so the payer's
                 # retry of the same header settles normally instead of being refused.
@@ -549,6 +782,18 @@ class PaymentProcessor:
         row = await self._ledger.get(payment_id)
         if row.state is PaymentState.REFUNDED:
             return row
+        if self._settler is None:
+            log.error(
+                "refund owed payment=%s payer=%s amount=%d state=%s: no settler key to send it "
+                "(remote facilitator mode); configure one and restart to pay it back",
+                row.id,
+                row.payer,
+                row.amount,
+                row.state.value,
+            )
+            raise InfrastructureError(
+                "no settler key: refunds cannot be sent in remote facilitator mode without one"
+            )
         if row.state is PaymentState.REFUND_SUBMITTED:
             assert row.refund_tx is not None
             receipt = await self._chain.get_receipt(row.refund_tx)
@@ -564,11 +809,13 @@ class PaymentProcessor:
         return await self._send_refund(row, resend=False)
 
     async def _send_refund(self, row: PaymentRecord, *, resend: bool) -> PaymentRecord:
+        settler = self._settler
+        assert settler is not None  # checked by _refund_locked
         # a refund the settler cannot cover would only burn gas on a revert
-        held = await self._chain.balance_of(self._settler.address)
+        held = await self._chain.balance_of(settler.address)
         if held < row.amount:
             raise InfrastructureError(
-                f"settler {self._settler.address} holds {held}, cannot refund {row.amount}"
+                f"settler {settler.address} holds {held}, cannot refund {row.amount}"
             )
         calls = 0
 
@@ -578,7 +825,7 @@ class PaymentProcessor:
             calls += 1
 
         try:
-            tx_hash = await self._settler.refund(row.payer, row.amount, before_send=record)
+            tx_hash = await settler.refund(row.payer, row.amount, before_send=record)
         except SendUncertain:
             raise
         except (SendRejected, InfrastructureError):
@@ -599,8 +846,10 @@ class PaymentProcessor:
         return await self._confirm_refund(row, tx_hash)
 
     async def _confirm_refund(self, row: PaymentRecord, tx_hash: str) -> PaymentRecord:
-        receipt = await self._settler.wait(tx_hash)
-        self._settler.check_transfer(receipt, self._settler.address, row.payer, row.amount)
+        settler = self._settler
+        assert settler is not None  # checked by _refund_locked
+        receipt = await settler.wait(tx_hash)
+        settler.check_transfer(receipt, settler.address, row.payer, row.amount)
         done = await self._ledger.mark_refunded(row.id)
         log.info("refunded payment=%s tx=%s", row.id, tx_hash)
         return done
