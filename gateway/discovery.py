@@ -100,6 +100,7 @@ async def _entry(listing: Listing, resource_url: Callable[[str], str]) -> dict[s
     disco = route.discovery
     url = resource_url(route.path)
     example_price: dict[str, str] | None = None
+    example_resource: dict[str, str] | None = None
     accepts: list[dict[str, Any]] = []
     example = disco.input_example
     body = json.dumps(example).encode("utf-8") if example is not None and _has_body(disco) else b""
@@ -112,6 +113,12 @@ async def _entry(listing: Listing, resource_url: Callable[[str], str]) -> dict[s
             offered = route.requirements(quote, url)
             accepts = [req.v2_dict() for req in offered]
             example_price = {"amount": str(quote.amount), "usdc": format_usdc(quote.amount)}
+            first = offered[0]
+            example_resource = {
+                "url": first.resource_url,
+                "description": first.description,
+                "mimeType": first.mime_type,
+            }
     entry: dict[str, Any] = {
         "resource": url,
         "method": route.method,
@@ -120,6 +127,7 @@ async def _entry(listing: Listing, resource_url: Callable[[str], str]) -> dict[s
         "mimeType": route.mime_type,
         "price": dict(listing.price_rule),
         "examplePrice": example_price,
+        "exampleResource": example_resource,  # the v2 `resource` of that 402
         "accepts": accepts,
         "input": {"schema": disco.input_schema, "example": example},
         "output": {"schema": disco.output_schema, "example": disco.output_example},

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from eth_account import Account
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -38,7 +37,12 @@ from gateway.discovery import (
 )
 from gateway.errors import HTTPProblem, PaymentRefunded, ServiceUnavailable, problem_response
 from gateway.middleware import PAID_STATE_KEY, PaidRequest, PaymentMiddleware, PricedRoute
-from gateway.payment_services import PaymentServices, open_payments, resolve_network
+from gateway.payment_services import (
+    PaymentServices,
+    open_payments,
+    resolve_network,
+    resolve_payee,
+)
 from gateway.proxy import Forwarder, new_upstream_client
 from gateway.proxy_routes import ProxyRoute, RouteSpec, load_routes
 from gateway.settings import Settings, SettingsError
@@ -85,8 +89,7 @@ def create_proxy_app(
             "(give --routes FILE, or --unpriced pass)"
         )
     network = resolve_network(settings)
-    settler_key = settings.load_settler_key()
-    pay_to = settings.pay_to or Account.from_key(settler_key).address
+    settler_key, pay_to = resolve_payee(settings)  # no key needed with a remote facilitator
     secret = settings.proxy_secret.get_secret_value().encode() if settings.proxy_secret else None
     if secret is None and routes:
         log.warning("X402_PROXY_SECRET is not set: the X-X402-* payer headers go upstream unsigned")
@@ -166,6 +169,11 @@ def create_proxy_app(
         Route("/{path:path}", endpoint),
     ]
 
+    # One set of rate-limit buckets shared by every paywall instance (templated routes get
+    # one per request).
+    challenge_limit = _buckets(settings.challenge_rate_per_ip, settings.challenge_burst_per_ip)
+    refusal_limit = _buckets(settings.refusal_rate_per_payer, settings.refusal_burst_per_payer)
+
     def paywall(app: ASGIApp, offered: Sequence[PricedRoute]) -> ASGIApp:
         return PaymentMiddleware(
             app,
@@ -175,12 +183,8 @@ def create_proxy_app(
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_payment_header_bytes,
             on_unaccepted=refund_unaccepted,
-            challenge_limit=_buckets(
-                settings.challenge_rate_per_ip, settings.challenge_burst_per_ip
-            ),
-            refusal_limit=_buckets(
-                settings.refusal_rate_per_payer, settings.refusal_burst_per_payer
-            ),
+            challenge_limit=challenge_limit,
+            refusal_limit=refusal_limit,
         )
 
     middleware = [

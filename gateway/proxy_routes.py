@@ -281,8 +281,10 @@ def _field_errors(err: Any) -> list[dict[str, str]]:
     if err.validator == "required" and isinstance(instance, dict):
         # one error per missing property; its message starts with the property's repr
         for name in err.validator_value:
-            if isinstance(name, str) and name not in instance and err.message.startswith(
-                repr(name)
+            if (
+                isinstance(name, str)
+                and name not in instance
+                and err.message.startswith(repr(name))
             ):
                 return [{"field": ".".join([*where, name]), "message": "required"}]
     if err.validator == "additionalProperties" and isinstance(instance, dict):

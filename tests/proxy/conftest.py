@@ -85,12 +85,11 @@ class Proxy:
     server: ServerThread
 
 
-def start_proxy(local_chain: Any, tmp: Path, upstream_url: str, **extra: Any) -> Proxy:
+def proxy_settings(
+    tmp: Path, rpc_url: str, key: str, port: int, upstream_url: str, **extra: Any
+) -> Settings:
     routes = tmp / "routes.toml"
     routes.write_text(ROUTES)
-    address, key = new_key()
-    local_chain.fund(address, eth_wei=10 * ETH)
-    port = free_port()
     values: dict[str, Any] = {
         "proxy_upstream": upstream_url,
         "proxy_routes_file": routes,
@@ -99,9 +98,18 @@ def start_proxy(local_chain: Any, tmp: Path, upstream_url: str, **extra: Any) ->
         "proxy_unpriced": "pass",
         **extra,
     }
-    settings = gateway_settings(tmp, local_chain.rpc_url, key, port, **values)
+    return gateway_settings(tmp, rpc_url, key, port, **values)
+
+
+def start_proxy(local_chain: Any, tmp: Path, upstream_url: str, **extra: Any) -> Proxy:
+    address, key = new_key()
+    local_chain.fund(address, eth_wei=10 * ETH)
+    port = free_port()
+    settings = proxy_settings(tmp, local_chain.rpc_url, key, port, upstream_url, **extra)
     server = ServerThread(create_proxy_app(settings), port).start()
-    return Proxy(url=server.url, pay_to=address, settings=settings, server=server)
+    return Proxy(
+        url=server.url, pay_to=settings.pay_to or address, settings=settings, server=server
+    )
 
 
 @pytest.fixture(scope="module")

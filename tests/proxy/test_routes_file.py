@@ -157,3 +157,17 @@ def test_file_level_errors(tmp_path: Path) -> None:
         load_routes(bad)
     with pytest.raises(SettingsError, match="cannot read routes file"):
         load_routes(tmp_path / "absent.toml")
+
+
+def test_serve_refuses_a_bad_routes_file_before_binding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    bad = tmp_path / "routes.toml"
+    bad.write_text('[[route]]\nmethod = "POST"\npath = "/x"\ndescription = "x"\nprice = "free"\n')
+    assert main(["serve", "--upstream", "http://127.0.0.1:9", "--routes", str(bad)]) == 2
+    assert "route 1 (POST /x), field 'price'" in capsys.readouterr().err
+    assert main(["serve", "--routes", str(bad)]) == 2
+    assert "need --upstream" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""What a restart does with paid requests: a delivered one is recorded and kept; one that was
+paid but never answered (here: its refund could not be sent) is refunded during start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.proxy_app import create_proxy_app
+from payments.localchain import DevAccount
+from tests.gateway.conftest import ETH, new_key
+from tests.gateway.paying import v2_header
+from tests.gateway.server import ServerThread, free_port
+from tests.proxy.conftest import Proxy, proxy_settings
+from tests.proxy.test_proxy import UpstreamFixture, challenge, wait_balance
+
+
+async def test_only_undelivered_payments_are_refunded_at_start_up(
+    local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
+) -> None:
+    # payTo is a cold wallet and the settler holds gas but no USDC: the refund after the
+    # upstream's 500 cannot be sent at first. The operator funds the settler and restarts.
+    settler, key = new_key()
+    local_chain.fund(settler, eth_wei=10 * ETH)
+    cold, _ = new_key()
+    port = free_port()
+    settings = proxy_settings(tmp_path, local_chain.rpc_url, key, port, upstream[1], pay_to=cold)
+    payer: DevAccount = funded_payer()
+    before = local_chain.usdc_balance(payer.address)
+    server = ServerThread(create_proxy_app(settings), port).start()
+    try:
+        gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            delivered_amount, r402 = await challenge(gw, "/v1/echo", {"prompt": "kept"})
+            header = v2_header(r402.headers["payment-required"], payer.private_key)
+            ok = await http.post(
+                "/v1/echo", json={"prompt": "kept"}, headers={"PAYMENT-SIGNATURE": header}
+            )
+            assert ok.status_code == 200
+            failed_amount, r402 = await challenge(gw, "/v1/fail", {})
+            header = v2_header(r402.headers["payment-required"], payer.private_key)
+            failed = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
+            assert failed.status_code == 500
+    finally:
+        server.stop()
+    charged = before - delivered_amount - failed_amount
+    assert local_chain.usdc_balance(payer.address) == charged  # the refund could not go out
+
+    local_chain.fund(settler, usdc=failed_amount + delivered_amount)
+    server = ServerThread(create_proxy_app(settings), port).start()
+    try:
+        # refunded during start-up: the failed request only, never the delivered one
+        await wait_balance(local_chain, payer.address, charged + failed_amount, limit_s=5)
+        assert local_chain.usdc_balance(settler) == delivered_amount
+    finally:
+        server.stop()
