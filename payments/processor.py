@@ -516,7 +516,7 @@ class PaymentProcessor:
     async def _check_facilitator(self, remote: RemoteFacilitator) -> None:
         """Start-up hint only: a facilitator that is down now may be up for the first payment."""
         try:
-            kinds = await remote.supported()
+            kinds = await remote.supported(retries=0, timeout_s=5.0)
         except InfrastructureError as exc:
             log.warning("facilitator %s not reachable at start-up: %s", remote.url, exc)
             return

@@ -250,20 +250,33 @@ class RemoteFacilitator:
     # -- transport -------------------------------------------------------------------------------
 
     async def _call(
-        self, method: Literal["GET", "POST"], path: str, body: dict[str, Any] | None = None
+        self,
+        method: Literal["GET", "POST"],
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        retries: int | None = None,
+        timeout_s: float | None = None,
     ) -> _Tried:
         maybe_reached = False
         detail = ""
         delay = self._backoff_s
-        for attempt in range(self._retries + 1):
+        attempts = (self._retries if retries is None else retries) + 1
+        timeout: Any = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
+        for attempt in range(attempts):
             if attempt:
                 await self._sleep(delay)
                 delay = min(delay * 2, self._max_backoff_s)
             try:
                 response = await self._client.request(
-                    method, self.url + path, json=body, headers=self._headers
+                    method, self.url + path, json=body, headers=self._headers, timeout=timeout
                 )
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            except (
+                httpx.ConnectError,
+                httpx.ConnectTimeout,
+                httpx.PoolTimeout,
+                httpx.UnsupportedProtocol,
+            ) as exc:
                 detail = f"{path}: cannot connect ({type(exc).__name__})"
             except httpx.TransportError as exc:
                 # the request (or part of it) went out: the facilitator may be acting on it
@@ -282,15 +295,19 @@ class RemoteFacilitator:
                 "facilitator %s attempt %d/%d failed: %s",
                 self.url,
                 attempt + 1,
-                self._retries + 1,
+                attempts,
                 detail,
             )
         return _Tried(None, maybe_reached, detail)
 
     # -- API -------------------------------------------------------------------------------------
 
-    async def supported(self) -> list[SupportedKind]:
-        tried = await self._call("GET", "/supported")
+    async def supported(
+        self, *, retries: int | None = None, timeout_s: float | None = None
+    ) -> list[SupportedKind]:
+        """The kinds the facilitator settles (``retries``/``timeout_s`` override the defaults,
+        e.g. for a quick start-up probe)."""
+        tried = await self._call("GET", "/supported", retries=retries, timeout_s=timeout_s)
         response = tried.response
         if response is None or not response.is_success:
             status = response.status_code if response is not None else None

@@ -234,3 +234,25 @@ async def test_reconcile_fails_an_expired_unused_row(
     assert report.failed == [row.id]
     failed = await ledger.get(row.id)
     assert failed.state is PaymentState.FAILED and failed.reason == reasons.VALID_BEFORE_EXPIRED
+
+
+async def test_a_facilitator_down_at_start_up_delays_nothing_and_charges_nothing(
+    chain: Chain,
+    ledger: SqliteLedger,
+    funded_payer: Callable[..., DevAccount],
+    local_chain: Any,
+) -> None:
+    payer = funded_payer(usdc=USDC, eth_wei=0)
+    offered = _offer()
+    header = _header(payer, offered)
+    remote = _remote(f"http://127.0.0.1:{free_port()}", retries=2)  # nothing listens there
+    try:
+        started = time.monotonic()
+        processor = await _processor(chain, ledger, remote)
+        assert time.monotonic() - started < 2.0  # a start-up probe, not a wait
+        with pytest.raises(InfrastructureError, match="unavailable"):
+            await processor.pay(header, offered)
+    finally:
+        await remote.aclose()
+    assert await ledger.get_by_key(*_key_of(header)) is None
+    assert local_chain.usdc_balance(payer.address) == USDC
