@@ -14,13 +14,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from gateway.cors import OriginOnlyCORS
+from gateway.cors import ALLOWED_HEADERS, EXPOSED_HEADERS, OriginOnlyCORS
 from gateway.discovery import (
     SCHEMA_PATH,
     WELL_KNOWN_PATH,
@@ -29,21 +27,18 @@ from gateway.discovery import (
     generation_price_rule,
     schema_endpoint,
 )
-from gateway.errors import HTTPProblem, ServiceUnavailable, problem_response
+from gateway.errors import exception_handlers
 from gateway.middleware import PaymentMiddleware, PaymentService
 from gateway.payment_services import resolve_network, resolve_payee
 from gateway.pricing import PriceBook, load_price_book
 from gateway.quoting import CreateGenerationRoute
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import buckets
 from gateway.routes import create_generation, healthz, openapi, task_events, task_status
 from gateway.services import Services, open_services
 from gateway.settings import Settings
-from payments import InfrastructureError
+from gateway.urls import resource_url_builder
 
 __all__ = ["create_app"]
-
-EXPOSED_HEADERS = ["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "Location"]
-ALLOWED_HEADERS = ["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Authorization"]
 
 
 def create_app(
@@ -87,14 +82,7 @@ def create_app(
     async def refund_unaccepted(scope: Scope, paid: Any) -> None:
         await services_of(scope).processor.refund(paid.settled.payment_id)
 
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPProblem)
-        return problem_response(exc)
-
-    async def on_infrastructure(request: Request, exc: Exception) -> Response:
-        return problem_response(ServiceUnavailable("storage or chain unavailable; retry later"))
-
-    resource_url = _resource_url(settings)
+    resource_url = resource_url_builder(settings)
     listings = [Listing(priced, generation_price_rule(price_book))]
     routes = [
         Route("/generation/create", create_generation, methods=["POST"]),
@@ -132,10 +120,10 @@ def create_app(
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_payment_header_bytes,
             on_unaccepted=refund_unaccepted,
-            challenge_limit=_buckets(
+            challenge_limit=buckets(
                 settings.challenge_rate_per_ip, settings.challenge_burst_per_ip
             ),
-            refusal_limit=_buckets(
+            refusal_limit=buckets(
                 settings.refusal_rate_per_payer, settings.refusal_burst_per_payer
             ),
             admit=lambda scope, payment: services_of(scope).admit(payment.payer),
@@ -145,33 +133,5 @@ def create_app(
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: on_problem, InfrastructureError: on_infrastructure},
+        exception_handlers=exception_handlers(),
     )
-
-
-def _buckets(rate: float, burst: int) -> TokenBuckets | None:
-    return TokenBuckets(rate, burst) if rate > 0 else None
-
-
-def _resource_url(settings: Settings) -> Callable[[Scope], str]:
-    """The URL a payer sees for the resource: the configured public base, else the request's
-    own origin (from X-Forwarded-Proto/Host when the proxy is trusted)."""
-
-    def build(scope: Scope) -> str:
-        path: str = scope["path"]
-        if settings.public_base_url:
-            return settings.public_base_url + path
-        headers: dict[str, str] = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-        }
-        scheme: str = scope.get("scheme", "http")
-        host = headers.get("host")
-        if settings.trust_forwarded_headers:
-            scheme = headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
-            host = headers.get("x-forwarded-host", host or "").split(",")[0].strip() or host
-        if not host:
-            server = scope.get("server") or ("localhost", 80)
-            host = f"{server[0]}:{server[1]}"
-        return f"{scheme}://{host}{path}"
-
-    return build

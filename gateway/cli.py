@@ -108,8 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif settings.proxy_routes_file is not None or args.unpriced is not None:
         raise SettingsError("--routes and --unpriced need --upstream URL (proxy mode)")
     else:
-        settings.load_settler_key()  # fail fast, before binding the port
-        app = create_app(settings)
+        app = create_app(settings)  # loads the key (or checks payTo): fails before binding
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["OriginOnlyCORS"]
+__all__ = ["ALLOWED_HEADERS", "EXPOSED_HEADERS", "OriginOnlyCORS"]
+
+# A browser client must be able to send the payment and read the challenge and the receipt.
+EXPOSED_HEADERS = ["PAYMENT-REQUIRED", "PAYMENT-RESPONSE", "X-PAYMENT-RESPONSE", "Location"]
+ALLOWED_HEADERS = ["Content-Type", "PAYMENT-SIGNATURE", "X-PAYMENT", "Authorization"]
 
 
 class OriginOnlyCORS:

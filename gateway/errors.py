@@ -2,6 +2,9 @@
 
     HTTPProblem                 a 4xx/5xx the gateway means to send, with a machine reason
       BadRequest (400)          invalid body, unknown model, unsupported option: before payment
+      NotPriced (404)           proxy mode: a route the routes file does not sell (refused)
+      MethodNotPriced (405)     proxy mode: the path is sold, under another method
+      PaymentAlreadyUsed (409)  proxy mode: one payment buys one request; this one was served
       PaymentRefunded (409)     a replayed authorization whose money was already refunded
       PayloadTooLarge (413)     body or header above its bound
       TooManyRequests (429)     a rate limit on the 402 path; Retry-After
@@ -13,20 +16,30 @@ string, so an agent always learns why and never pays blindly twice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from payments import InfrastructureError
 
 __all__ = [
     "BadRequest",
     "HTTPProblem",
+    "MethodNotPriced",
+    "NotPriced",
     "PayloadTooLarge",
+    "PaymentAlreadyUsed",
     "PaymentRefunded",
     "ServiceUnavailable",
     "TooManyRequests",
+    "exception_handlers",
     "problem_response",
 ]
+
+log = logging.getLogger("x402.gateway")
 
 JSON_HEADERS = {"cache-control": "no-store"}
 
@@ -54,6 +67,21 @@ class HTTPProblem(Exception):
 class BadRequest(HTTPProblem):
     status = 400
     reason = "invalid_request"
+
+
+class NotPriced(HTTPProblem):
+    status = 404
+    reason = "route_not_priced"
+
+
+class MethodNotPriced(HTTPProblem):
+    status = 405
+    reason = "method_not_priced"
+
+
+class PaymentAlreadyUsed(HTTPProblem):
+    status = 409
+    reason = "payment_already_used"
 
 
 class PaymentRefunded(HTTPProblem):
@@ -89,3 +117,23 @@ def problem_response(problem: HTTPProblem) -> JSONResponse:
     return JSONResponse(
         body, status_code=problem.status, headers={**JSON_HEADERS, **problem.headers}
     )
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def exception_handlers(
+    unavailable: str = "storage or chain unavailable; retry later",
+) -> dict[type[Exception], Handler]:
+    """Starlette's ``exception_handlers`` for every face of the product: an ``HTTPProblem`` as
+    it means, an infrastructure fault that escaped a route as a 503 (never a 500)."""
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPProblem)
+        return problem_response(exc)
+
+    async def on_infrastructure(request: Request, exc: Exception) -> Response:
+        log.warning("%s unavailable: %s", request.url.path, type(exc).__name__)
+        return problem_response(ServiceUnavailable(unavailable))
+
+    return {HTTPProblem: on_problem, InfrastructureError: on_infrastructure}

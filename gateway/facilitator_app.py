@@ -35,10 +35,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.errors import HTTPProblem, PayloadTooLarge, ServiceUnavailable, problem_response
+from gateway.errors import (
+    HTTPProblem,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    exception_handlers,
+)
 from gateway.payment_services import PaymentServices, open_payments
 from gateway.settings import Settings
-from payments import InfrastructureError, reasons
+from payments import reasons
 from payments.facilitator import Facilitator, FacilitatorRequest
 from payments.wire import MAX_JSON_DEPTH, json_nesting_exceeds
 
@@ -165,14 +170,6 @@ def create_facilitator_app(
             headers=_NO_STORE,
         )
 
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPProblem)
-        return problem_response(exc)
-
-    async def on_infrastructure(request: Request, exc: Exception) -> Response:
-        log.warning("facilitator %s unavailable: %s", request.url.path, exc)
-        return problem_response(ServiceUnavailable("chain or ledger unavailable; retry later"))
-
     return Starlette(
         routes=[
             Route("/verify", verify, methods=["POST"]),
@@ -181,7 +178,7 @@ def create_facilitator_app(
             Route("/healthz", healthz, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: on_problem, InfrastructureError: on_infrastructure},
+        exception_handlers=exception_handlers("chain or ledger unavailable; retry later"),
     )
 
 

@@ -200,7 +200,16 @@ class PaymentMiddleware:
         finally:
             if (status_seen == 0 or status_seen >= 500) and self.on_unaccepted is not None:
                 # Paid but not accepted: the hook refunds. Never keep money for no work.
-                await self.on_unaccepted(scope, paid)
+                try:
+                    await self.on_unaccepted(scope, paid)
+                except (InfrastructureError, HTTPProblem) as exc:
+                    # the payment stays settled with nothing delivered: start-up
+                    # reconciliation refunds it (or logs it as owed without a refund key)
+                    log.warning(
+                        "refund of unaccepted payment %s failed: %s",
+                        settled.payment_id,
+                        exc,
+                    )
 
     async def _read_body(self, headers: _RequestHeaders, receive: Receive) -> bytes | None:
         declared = headers.content_length

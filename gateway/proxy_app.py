@@ -26,8 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.app import ALLOWED_HEADERS, EXPOSED_HEADERS, _buckets, _resource_url
-from gateway.cors import OriginOnlyCORS
+from gateway.cors import ALLOWED_HEADERS, EXPOSED_HEADERS, OriginOnlyCORS
 from gateway.discovery import (
     SCHEMA_PATH,
     WELL_KNOWN_PATH,
@@ -35,7 +34,16 @@ from gateway.discovery import (
     discovery_endpoint,
     schema_endpoint,
 )
-from gateway.errors import HTTPProblem, PaymentRefunded, ServiceUnavailable, problem_response
+from gateway.errors import (
+    HTTPProblem,
+    MethodNotPriced,
+    NotPriced,
+    PaymentAlreadyUsed,
+    PaymentRefunded,
+    ServiceUnavailable,
+    exception_handlers,
+    problem_response,
+)
 from gateway.middleware import PAID_STATE_KEY, PaidRequest, PaymentMiddleware, PricedRoute
 from gateway.payment_services import (
     PaymentServices,
@@ -45,8 +53,9 @@ from gateway.payment_services import (
 )
 from gateway.proxy import Forwarder, new_upstream_client
 from gateway.proxy_routes import ProxyRoute, RouteSpec, load_routes
+from gateway.ratelimit import buckets
 from gateway.settings import Settings, SettingsError
-from payments import InfrastructureError
+from gateway.urls import resource_url_builder
 from payments.ledger import PaymentState
 
 __all__ = ["DELIVERED_PREFIX", "PaymentAlreadyUsed", "create_proxy_app"]
@@ -56,21 +65,6 @@ log = logging.getLogger("x402.proxy")
 DELIVERED_PREFIX = "proxy:"
 _OWNER_KEY = "x402.proxy.owner"
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-
-
-class PaymentAlreadyUsed(HTTPProblem):
-    status = 409
-    reason = "payment_already_used"
-
-
-class NotPriced(HTTPProblem):
-    status = 404
-    reason = "route_not_priced"
-
-
-class MethodNotPriced(HTTPProblem):
-    status = 405
-    reason = "method_not_priced"
 
 
 def create_proxy_app(
@@ -131,7 +125,7 @@ def create_proxy_app(
     )
     deliveries = _Deliveries(forwarder, money)
     endpoint = _ProxyEndpoint(deliveries, routes, refuse=settings.proxy_unpriced == "refuse")
-    resource_url = _resource_url(settings)
+    resource_url = resource_url_builder(settings)
 
     async def refund_unaccepted(scope: Scope, paid: PaidRequest) -> None:
         await deliveries.unaccepted(scope, paid)
@@ -147,13 +141,6 @@ def create_proxy_app(
                     ServiceUnavailable("chain unreachable", reason="chain_unreachable")
                 )
         return JSONResponse(body, headers={"cache-control": "no-store"})
-
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPProblem)
-        return problem_response(exc)
-
-    async def on_infrastructure(request: Request, exc: Exception) -> Response:
-        return problem_response(ServiceUnavailable("storage or chain unavailable; retry later"))
 
     listings = [Listing(route, route.price_rule()) for route in priced]
     router_routes = [
@@ -171,8 +158,8 @@ def create_proxy_app(
 
     # One set of rate-limit buckets shared by every paywall instance (templated routes get
     # one per request).
-    challenge_limit = _buckets(settings.challenge_rate_per_ip, settings.challenge_burst_per_ip)
-    refusal_limit = _buckets(settings.refusal_rate_per_payer, settings.refusal_burst_per_payer)
+    challenge_limit = buckets(settings.challenge_rate_per_ip, settings.challenge_burst_per_ip)
+    refusal_limit = buckets(settings.refusal_rate_per_payer, settings.refusal_burst_per_payer)
 
     def paywall(app: ASGIApp, offered: Sequence[PricedRoute]) -> ASGIApp:
         return PaymentMiddleware(
@@ -201,7 +188,7 @@ def create_proxy_app(
         routes=router_routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={HTTPProblem: on_problem, InfrastructureError: on_infrastructure},
+        exception_handlers=exception_handlers(),
     )
 
 

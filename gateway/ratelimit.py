@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["TokenBuckets"]
+__all__ = ["TokenBuckets", "buckets"]
 
 
 class TokenBuckets:
@@ -60,3 +60,8 @@ class TokenBuckets:
     @staticmethod
     def retry_after(wait: float) -> int:
         return max(1, math.ceil(wait))
+
+
+def buckets(rate: float, burst: int) -> TokenBuckets | None:
+    """Buckets for a configured limit; a rate of 0 turns the limit off."""
+    return TokenBuckets(rate, burst) if rate > 0 else None

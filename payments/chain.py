@@ -30,7 +30,7 @@ from web3.providers.rpc.utils import REQUEST_RETRY_ALLOWLIST
 
 from payments import reasons
 from payments.eip3009 import Authorization, normalize_address, split_signature
-from payments.errors import InfrastructureError, InvalidPayment
+from payments.errors import InfrastructureError, InvalidPayment, SettlementFailed
 
 __all__ = [
     "Chain",
@@ -588,6 +588,19 @@ class Chain:
                 raise ReceiptTimeout(tx_hash, waited)
             await asyncio.sleep(min(delay, max(0.0, timeout_s - waited)))
             delay = min(delay * _POLL_GROWTH, _POLL_MAX_S)
+
+    def check_transfer(self, receipt: Receipt, payer: str, pay_to: str, amount: int) -> None:
+        """Succeeded AND moved exactly ``amount`` from payer to payTo in this token:
+        ``SettlementFailed`` otherwise (a revert, or a tx that did something else)."""
+        if not receipt.succeeded:
+            raise SettlementFailed(reasons.TRANSACTION_FAILED, f"{receipt.tx_hash} reverted")
+        payer, pay_to = normalize_address(payer), normalize_address(pay_to)
+        for transfer in self.transfer_logs(receipt):
+            if transfer.from_ == payer and transfer.to == pay_to and transfer.value == amount:
+                return
+        raise SettlementFailed(
+            reasons.TRANSFER_EVENT_MISMATCH, f"{receipt.tx_hash} has no matching Transfer log"
+        )
 
     def transfer_logs(self, receipt: Receipt) -> list[TransferLog]:
         """ERC-20 Transfer events emitted by this chain's token in ``receipt``."""

@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from payments import reasons
-from payments.chain import Chain, Receipt
+from payments.chain import Chain
 from payments.eip3009 import Authorization, normalize_address, recover_signer
 from payments.errors import InfrastructureError, InvalidPayment, PaymentError, SettlementFailed
 from payments.ledger import (
@@ -175,20 +175,6 @@ def _key(auth: Authorization, chain_id: int, asset: str) -> _Key:
 class _RemoteInvalid(InvalidPayment):
     """The facilitator's /verify refused a payment our offline checks (signature included)
     passed: it may be a replay of one settled here, so the ledger is looked up first."""
-
-
-def _check_transfer(chain: Chain, receipt: Receipt, payer: str, pay_to: str, amount: int) -> None:
-    """Succeeded AND moved exactly ``amount`` from payer to payTo (as ``Settler.check_transfer``,
-    without needing a settler: remote mode may have no key)."""
-    if not receipt.succeeded:
-        raise SettlementFailed(reasons.TRANSACTION_FAILED, f"{receipt.tx_hash} reverted")
-    payer, pay_to = normalize_address(payer), normalize_address(pay_to)
-    for transfer in chain.transfer_logs(receipt):
-        if transfer.from_ == payer and transfer.to == pay_to and transfer.value == amount:
-            return
-    raise SettlementFailed(
-        reasons.TRANSFER_EVENT_MISMATCH, f"{receipt.tx_hash} has no matching Transfer log"
-    )
 
 
 class PaymentProcessor:
@@ -606,7 +592,7 @@ class PaymentProcessor:
         self._checkpoint("after_send")
         receipt = await self._chain.wait_receipt(tx_hash, self._receipt_timeout_s)
         try:
-            _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
+            self._chain.check_transfer(receipt, row.payer, row.pay_to, row.amount)
         except SettlementFailed as exc:
             row = await self._after_failed_tx(row, exc.reason)
             if row.state is not PaymentState.SETTLED:
@@ -672,7 +658,7 @@ class PaymentProcessor:
         if receipt is None:
             return None
         try:
-            _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
+            self._chain.check_transfer(receipt, row.payer, row.pay_to, row.amount)
         except SettlementFailed:
             return None
         return await self._ledger.mark_settled(row.id, tx_hash)
@@ -693,7 +679,7 @@ class PaymentProcessor:
         receipt = await self._chain.get_receipt(row.tx_hash)
         if receipt is not None:
             try:
-                _check_transfer(self._chain, receipt, row.payer, row.pay_to, row.amount)
+                self._chain.check_transfer(receipt, row.payer, row.pay_to, row.amount)
             except SettlementFailed as exc:
                 return await self._after_failed_tx(row, exc.reason)
             return await self._ledger.mark_settled(row.id)

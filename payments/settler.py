@@ -57,7 +57,6 @@ from rlp.sedes import (  # type: ignore[import-untyped]
     binary,
 )
 
-from payments import reasons
 from payments.chain import (
     Chain,
     Receipt,
@@ -67,7 +66,7 @@ from payments.chain import (
     encode_transfer_with_authorization,
 )
 from payments.eip3009 import Authorization, normalize_address
-from payments.errors import InfrastructureError, SettlementFailed
+from payments.errors import InfrastructureError
 
 __all__ = [
     "BeforeSend",
@@ -494,16 +493,7 @@ class Settler:
         )
 
     def check_transfer(self, receipt: Receipt, payer: str, pay_to: str, amount: int) -> None:
-        """Succeeded AND moved exactly ``amount`` from payer to payTo in this token."""
-        if not receipt.succeeded:
-            raise SettlementFailed(reasons.TRANSACTION_FAILED, f"{receipt.tx_hash} reverted")
-        payer, pay_to = normalize_address(payer), normalize_address(pay_to)
-        for transfer in self._chain.transfer_logs(receipt):
-            if transfer.from_ == payer and transfer.to == pay_to and transfer.value == amount:
-                return
-        raise SettlementFailed(
-            reasons.TRANSFER_EVENT_MISMATCH, f"{receipt.tx_hash} has no matching Transfer log"
-        )
+        self._chain.check_transfer(receipt, payer, pay_to, amount)
 
     async def confirm(
         self,
