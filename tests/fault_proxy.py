@@ -1,6 +1,8 @@
 """A TCP proxy for fault injection in tests, e.g. between the gateway and its node: cut (refuse
-and drop every connection), delay every answer, or swallow the answer to one JSON-RPC method and
-then go down (the request reached the node, the gateway never hears back: a flap mid-settlement)."""
+and drop every connection), delay every answer, or swallow the answer to one request and then go
+down: every byte of the request matching ``cut_on`` (a JSON-RPC method, an HTTP request line) is
+forwarded, and the connection is cut the moment the answer starts to come back (the peer acted,
+the caller never hears: a flap mid-settlement)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,22 @@ class FaultProxy:
             threading.Thread(target=self._to_node, args=(pair,), daemon=True).start()
             threading.Thread(target=self._to_gateway, args=(pair,), daemon=True).start()
 
+    def restore_after_cut(self, limit_s: float = 10.0) -> threading.Thread:
+        """Bring the proxy back as soon as it swallowed an answer (the caller's retry then
+        gets through). Runs in a thread; join it."""
+
+        def watch() -> None:
+            deadline = time.monotonic() + limit_s
+            while time.monotonic() < deadline:
+                if self.swallowed and not self.up:
+                    self.restore()
+                    return
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
     def _to_node(self, pair: _Pair) -> None:
         try:
             while True:
@@ -97,16 +115,10 @@ class FaultProxy:
                 if not data:
                     break
                 marker = self.cut_on
-                hit = marker is not None and marker in pair.tail + data
-                if hit:
-                    pair.blackhole = True  # the node's answer must never reach the gateway
+                if marker is not None and marker in pair.tail + data:
+                    pair.blackhole = True  # its answer must never reach the caller
                 pair.upstream.sendall(data)
                 pair.tail = data[-64:]
-                if hit:
-                    self.swallowed += 1
-                    time.sleep(0.3)  # let the node take it (Anvil mines at once)
-                    self.cut()
-                    break
         except OSError:
             pass
         finally:
@@ -118,9 +130,13 @@ class FaultProxy:
                 data = pair.upstream.recv(65536)
                 if not data:
                     break
+                if pair.blackhole:  # the peer has acted on the request: now go down
+                    self.swallowed += 1
+                    self.cut()
+                    break
                 if self.delay_s:
                     time.sleep(self.delay_s)
-                if pair.blackhole or not self.up:
+                if not self.up:
                     continue
                 pair.client.sendall(data)
         except OSError:

@@ -7,14 +7,12 @@
   logic, not the HTTP face);
 - STUB: a facilitator that answers what the test tells it (a refusal, an error status).
 
-Each real facilitator sits behind an ``AnswerCutProxy`` so a test can lose the answer to one
+Each real facilitator sits behind a ``FaultProxy`` so a test can lose the answer to one
 ``/settle`` after the facilitator acted on it, or take the facilitator off the network.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,71 +28,11 @@ from starlette.routing import Route
 from gateway.app import create_app
 from gateway.facilitator_app import create_facilitator_app
 from gateway.settings import Settings
-from tests.fault_proxy import FaultProxy, _Pair
+from tests.fault_proxy import FaultProxy
 from tests.gateway.conftest import ETH, new_key
 from tests.gateway.server import ServerThread, free_port
 
 TOKEN = "facilitator-test-token"
-
-
-class AnswerCutProxy(FaultProxy):
-    """FaultProxy whose ``cut_on`` loses the ANSWER of the matching request.
-
-    The marker (``b"POST /settle"``) sits in the request line, while the body may follow in a
-    later TCP segment; ``FaultProxy`` stops forwarding at the marker, so the facilitator might
-    never get the whole request. Here every request byte is forwarded and the connection is
-    cut when the facilitator's answer starts to come back: it acted, the caller never hears.
-    """
-
-    def _to_node(self, pair: _Pair) -> None:
-        try:
-            while True:
-                data = pair.client.recv(65536)
-                if not data:
-                    break
-                marker = self.cut_on
-                if marker is not None and marker in pair.tail + data:
-                    pair.blackhole = True
-                pair.upstream.sendall(data)
-                pair.tail = data[-64:]
-        except OSError:
-            pass
-        finally:
-            self._drop(pair)
-
-    def _to_gateway(self, pair: _Pair) -> None:
-        try:
-            while True:
-                data = pair.upstream.recv(65536)
-                if not data:
-                    break
-                if pair.blackhole:
-                    self.swallowed += 1
-                    self.cut()
-                    break
-                if not self.up:
-                    continue
-                pair.client.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(pair)
-
-    def restore_after_cut(self, limit_s: float = 10.0) -> threading.Thread:
-        """Bring the proxy back as soon as it cut an answer (the caller's retry then gets
-        through). Runs in a thread; join it."""
-
-        def watch() -> None:
-            deadline = time.monotonic() + limit_s
-            while time.monotonic() < deadline:
-                if self.swallowed and not self.up:
-                    self.restore()
-                    return
-                time.sleep(0.005)
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        return thread
 
 
 def official_facilitator_app(rpc_url: str, key: str) -> Starlette:
@@ -182,7 +120,7 @@ class Stub:
 @dataclass
 class Served:
     url: str
-    proxy: AnswerCutProxy
+    proxy: FaultProxy
     server: ServerThread
     address: str  # the facilitator's settling account
 
@@ -226,9 +164,9 @@ def start_remote_gateway(
     return RemoteGateway(server.url, settings.pay_to, settings, server)
 
 
-def _serve_behind_proxy(app: Any) -> tuple[ServerThread, AnswerCutProxy]:
+def _serve_behind_proxy(app: Any) -> tuple[ServerThread, FaultProxy]:
     server = ServerThread(app, free_port()).start()
-    proxy = AnswerCutProxy("127.0.0.1", server.port)
+    proxy = FaultProxy("127.0.0.1", server.port)
     proxy.start()
     return server, proxy
 
