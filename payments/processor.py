@@ -397,11 +397,12 @@ class PaymentProcessor:
             return await self._settle_once(Verified(payment, contract_wallet=False), key)
         return await self._outcome(row, payment)
 
-    async def _reserve_and_settle(self, verified: Verified, key: _Key) -> Settled:
-        payment = verified.payment
+    async def _reserve(self, payment: Payment, key: _Key) -> tuple[PaymentRecord, bool]:
+        """Insert the payment under its unique key before anything is sent: ``created`` False
+        means an earlier request holds this authorization (a replay)."""
         auth = payment.authorization
         req = payment.requirement
-        row, created = await self._ledger.reserve(
+        return await self._ledger.reserve(
             NewPayment(
                 chain_id=key[0],
                 asset=req.asset,
@@ -414,6 +415,11 @@ class PaymentProcessor:
                 valid_before=auth.valid_before,
             )
         )
+
+    async def _reserve_and_settle(self, verified: Verified, key: _Key) -> Settled:
+        payment = verified.payment
+        auth = payment.authorization
+        row, created = await self._reserve(payment, key)
         if not created:
             return await self._outcome(row, payment)
         payment_id = row.id
@@ -530,20 +536,7 @@ class PaymentProcessor:
         assert remote is not None
         payment = verified.payment
         auth = payment.authorization
-        req = payment.requirement
-        row, created = await self._ledger.reserve(
-            NewPayment(
-                chain_id=key[0],
-                asset=req.asset,
-                payer=auth.from_,
-                nonce=auth.nonce,
-                amount=auth.value,
-                pay_to=auth.to,
-                network=req.network.caip2,
-                version=payment.version,
-                valid_before=auth.valid_before,
-            )
-        )
+        row, created = await self._reserve(payment, key)
         if not created:
             if row.state is not PaymentState.RESERVED:
                 return await self._outcome(row, payment)
