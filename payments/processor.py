@@ -5,8 +5,9 @@ signer is not ``from`` and ``from`` has code) -> ``eth_call`` simulation -> rese
 -> sign + record the tx hash -> broadcast -> receipt + Transfer-log check -> settled.
 
 RPC round trips per paid request (EOA payer, warm caches): 1 ``eth_call`` (simulation) + 1
-``eth_sendRawTransaction`` + the receipt polls (1 on an instamining Anvil, usually 1-3 on Base).
-No balance/nonce/gas-price reads per request (the simulation covers balance, authorization nonce
+``eth_sendRawTransaction`` + the settler's mined-nonce polls (shared by every settlement waiting
+at the time; 1-3 at concurrency 1 on Anvil) + exactly 1 receipt, fetched once the nonce count
+shows the tx mined. No balance/gas-price reads per request (the simulation covers balance, authorization nonce
 and validity; the settler caches nonce and fees). A contract wallet adds ``eth_getCode`` +
 ``isValidSignature``. Ledger: 3 durable writes (reserve, submitted, settled), 0 reads.
 
