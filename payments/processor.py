@@ -7,9 +7,10 @@ signer is not ``from`` and ``from`` has code) -> ``eth_call`` simulation -> rese
 RPC round trips per paid request (EOA payer, warm caches): 1 ``eth_call`` (simulation) + 1
 ``eth_sendRawTransaction`` + the settler's mined-nonce polls (shared by every settlement waiting
 at the time; 1-3 at concurrency 1 on Anvil) + exactly 1 receipt, fetched once the nonce count
-shows the tx mined. No balance/gas-price reads per request (the simulation covers balance, authorization nonce
-and validity; the settler caches nonce and fees). A contract wallet adds ``eth_getCode`` +
-``isValidSignature``. Ledger: 3 durable writes (reserve, submitted, settled), 0 reads.
+shows the tx mined. No balance/gas-price reads per request (the simulation covers balance,
+authorization nonce and validity; the settler caches nonce and fees). A contract wallet adds
+``eth_getCode`` + ``isValidSignature``. Ledger: 3 durable writes (reserve, submitted, settled),
+0 reads.
 
 Idempotency: the ledger's unique key ``(chain_id, asset, payer, nonce)`` decides who settles.
 In this process, concurrent requests carrying the same authorization share one settlement task
