@@ -115,8 +115,8 @@ class GasSettings:
     max_fee_multiplier: int = 2
     fee_refresh_s: float = 15.0
     receipt_timeout_s: float = 30.0
-    # No receipt after this long: send the same signed bytes again (same hash, so harmless),
-    # in case the node dropped the transaction after accepting it.
+    # Transactions waiting and no new nonce mined for this long: send every pending one again
+    # (same signed bytes, so harmless), in case the node dropped or stranded them.
     rebroadcast_after_s: float = 2.0
 
 
@@ -167,7 +167,7 @@ class Settler:
         self._waiters: dict[str, asyncio.Future[Receipt]] = {}
         self._confirmer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._anvil_pool = True  # until the node says it has no anvil_dropTransaction
+        self._anvil_pool = True  # until the node says it has no anvil_removePoolTransactions
 
     def __repr__(self) -> str:  # never show the key
         return f"Settler(address={self.address})"
@@ -305,6 +305,7 @@ class Settler:
                     continue
                 if not known:
                     gap = True
+                    del self._unconfirmed[tx_hash]  # never out: must not be sent again later
                     item.last_error = sent.message
                     if _fee_error(sent.message):
                         self._gas_price = None
@@ -368,20 +369,8 @@ class Settler:
 
     async def wait(self, tx_hash: str, timeout_s: float | None = None) -> Receipt:
         limit = self.gas.receipt_timeout_s if timeout_s is None else timeout_s
-        deadline = self._monotonic() + limit
-        rounds = 0
         try:
-            while True:
-                left = deadline - self._monotonic()
-                try:
-                    return await self._receipt(
-                        tx_hash, max(0.0, min(self.gas.rebroadcast_after_s, left))
-                    )
-                except ReceiptTimeout:
-                    if self._monotonic() >= deadline:
-                        raise
-                    rounds += 1
-                    await self._rebroadcast(tx_hash, reinsert=rounds > 1)
+            return await self._receipt(tx_hash, limit)
         except ReceiptTimeout:
             log.warning(
                 "no receipt for %s within the timeout; nonce resync (%s)",
@@ -419,13 +408,21 @@ class Settler:
         receipt, all in one batch. Waiters are thus released together, once per block, and
         their next settlements reach the node together: bigger blocks, fewer of them (on Anvil
         every block costs more than the transactions in it), and no receipt polls for
-        transactions still in the pool."""
+        transactions still in the pool.
+
+        The same count shows a stuck pool: no progress for ``rebroadcast_after_s`` while
+        transactions wait, and every unconfirmed one is sent again, in nonce order, in one
+        batch (see ``_resend_pending``)."""
         delay = _CONFIRM_POLL_FIRST_S
+        mined_before = -1
+        progress_at = self._monotonic()
         while self._waiters:
             self._wake.clear()
             released = 0
             try:
                 mined = await self._chain.transaction_count(self.address, "latest")
+                if mined != mined_before:
+                    mined_before, progress_at = mined, self._monotonic()
                 due = [
                     tx_hash
                     for tx_hash in self._waiters
@@ -441,6 +438,9 @@ class Settler:
                             if not waiter.done():
                                 waiter.set_result(receipt)
                             released += 1
+                elif self._monotonic() - progress_at >= self.gas.rebroadcast_after_s:
+                    await self._resend_pending(mined)
+                    progress_at = self._monotonic()
             except InfrastructureError as exc:
                 log.debug("confirmer poll failed: %s", exc)  # the waiters' deadlines decide
             delay = _CONFIRM_POLL_FIRST_S if released else min(delay * 2, _CONFIRM_POLL_MAX_S)
@@ -453,29 +453,43 @@ class Settler:
                 delay = _CONFIRM_POLL_FIRST_S
                 await asyncio.sleep(delay)
 
-    async def _rebroadcast(self, tx_hash: str, *, reinsert: bool = False) -> None:
-        entry = self._unconfirmed.get(tx_hash)
-        if entry is None:
-            return
-        raw = entry[0]
-        if reinsert and self._anvil_pool:
-            # Anvil only: its pool can hold a transaction it never promotes to ready (it stays
-            # pending while its nonce is next; foundry-rs/foundry#10122), so the same bytes are
-            # "already known" forever. Taking it out and sending it again re-evaluates it.
-            try:
-                await self._chain.rpc("anvil_dropTransaction", [tx_hash])
-            except RpcError:
-                self._anvil_pool = False  # not Anvil: the method does not exist
-            except InfrastructureError:
+    async def _resend_pending(self, mined: int) -> None:
+        """Send every unconfirmed transaction from nonce ``mined`` on again: the same signed
+        bytes (same hashes, so ledger rows and waiters are unaffected), in nonce order, in one
+        batch, under the send lock (no new transaction can slip in between).
+
+        On Anvil they are first taken out of its pool: it can file the next-nonce transaction
+        as waiting for a predecessor that was just mined (foundry-rs/foundry#10122; seen as
+        ``txpool_status`` pending 0, queued N) and then never mines it, nor anything after it,
+        and the same bytes are "already imported" for good. Sent again in order, the first is
+        ready at once. Other nodes do not have the method; for them this is a plain resend."""
+        async with self._lock:
+            latest: dict[int, tuple[str, bytes]] = {}
+            for tx_hash, (raw, nonce) in self._unconfirmed.items():
+                if nonce >= mined:
+                    latest[nonce] = (tx_hash, raw)  # a re-signed nonce: the last one signed
+            if not latest:
                 return
-        try:
-            await self._chain.send_raw(raw)
-        except RpcError as exc:  # "already known" / "nonce too low" (mined meanwhile): fine
-            log.debug("rebroadcast of %s: %s", tx_hash, exc.message)
-        except InfrastructureError:
-            pass  # the wait goes on; the deadline decides
-        else:
-            log.warning("rebroadcast %s (reinserted: %s)", tx_hash, reinsert)
+            pending = [latest[nonce] for nonce in sorted(latest)]
+            cleared = False
+            if self._anvil_pool:
+                try:
+                    await self._chain.rpc("anvil_removePoolTransactions", [self.address])
+                    cleared = True
+                except RpcError:
+                    self._anvil_pool = False  # not Anvil: the method does not exist
+            outcomes = await self._chain.send_raw_many([raw for _, raw in pending])
+        accepted = sum(1 for outcome in outcomes if isinstance(outcome, str))
+        # "already known" / "nonce too low" (mined meanwhile) are expected answers here
+        log.warning(
+            "no new block for our nonce %d in %.1f s: sent the %d pending txs again "
+            "(%d accepted; Anvil pool cleared first: %s)",
+            mined,
+            self.gas.rebroadcast_after_s,
+            len(pending),
+            accepted,
+            cleared,
+        )
 
     async def _diagnose(self, tx_hash: str) -> str:
         """What the node says about a transaction that never got a receipt (for the log)."""

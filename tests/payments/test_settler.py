@@ -158,3 +158,38 @@ async def test_a_transaction_the_node_dropped_is_broadcast_again() -> None:
             )
             assert receipt.succeeded and receipt.tx_hash == tx
             assert await chain.balance_of(payer.address) == USDC - 100_000
+
+
+async def test_a_pool_that_lost_every_pending_transaction_gets_them_again_in_order() -> None:
+    # The stall seen on Anvil: the node no longer offers the next nonce for mining, so every
+    # later transaction waits behind it. Here the pool loses all of them at once.
+    with LocalChain(block_time=1) as lc:
+        address, key = new_key()
+        lc.fund(address, eth_wei=10**19)
+        payers = [Payer(*new_key()) for _ in range(5)]
+        for payer in payers:
+            lc.fund(payer.address, usdc=USDC)
+        async with Chain(lc.rpc_url, BASE.usdc, request_timeout=5.0) as chain:
+            settler = Settler(chain, key, gas=GasSettings(rebroadcast_after_s=0.3))
+            await settler.start()
+            req = requirement(settler.address, amount=100_000)
+            auths = [authorization(payer, req) for payer in payers]
+            txs = await asyncio.gather(
+                *(
+                    settler.submit(auth, sign_authorization(payer.key, BASE.token_domain, auth))
+                    for payer, auth in zip(payers, auths, strict=True)
+                )
+            )
+            for tx in txs:
+                lc.rpc("anvil_dropTransaction", [tx])
+            assert all(lc.rpc("eth_getTransactionByHash", [tx]) is None for tx in txs)
+            receipts = await asyncio.gather(
+                *(
+                    settler.confirm(tx, payer=auth.from_, pay_to=req.pay_to, amount=100_000)
+                    for tx, auth in zip(txs, auths, strict=True)
+                )
+            )
+            assert [r.tx_hash for r in receipts] == list(txs)
+            for payer in payers:
+                assert await chain.balance_of(payer.address) == USDC - 100_000
+            assert await chain.transaction_count(settler.address, "latest") == len(txs)
