@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 from eth_abi.abi import decode
+from eth_account import Account
 
 from payments.localchain import RpcError
 
-__all__ = ["free_port", "revert_reason"]
+__all__ = ["Key", "free_port", "new_key", "revert_reason"]
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
+
+
+@dataclass(frozen=True)
+class Key:
+    address: str
+    key: str
+
+
+def new_key() -> Key:
+    """A fresh random key (checksummed address, 0x-prefixed hex key)."""
+    acct = Account.create()
+    return Key(acct.address, "0x" + bytes(acct.key).hex())
 
 
 def free_port() -> int:

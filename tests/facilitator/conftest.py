@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eth_account import Account
 from pydantic import SecretStr
 
 from gateway.facilitator_app import create_facilitator_app
@@ -20,16 +19,11 @@ from payments import BASE
 from payments.eip3009 import Authorization, TokenDomain, random_nonce, sign_authorization
 from payments.wire import exact_evm_payload
 from tests.gateway.server import ServerThread, free_port
+from tests.helpers import Key, new_key
 
 ETH = 10**18
 USDC = 10**6
 TOKEN = "facilitator-test-token"  # a test bearer token, not a secret
-
-
-@dataclass(frozen=True)
-class Key:
-    address: str
-    key: str
 
 
 @dataclass
@@ -51,11 +45,6 @@ class Service:
                 (payer.lower(),),
             ).fetchall()
         return [(str(s), t, int(a)) for s, t, a in rows]
-
-
-def new_key() -> Key:
-    acct = Account.create()
-    return Key(acct.address, "0x" + bytes(acct.key).hex())
 
 
 @pytest.fixture(scope="module")

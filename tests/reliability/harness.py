@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from eth_account import Account
 from pydantic import SecretStr
 
 from gateway.app import create_app
@@ -26,22 +25,12 @@ from gateway.settings import Settings
 from payments.ledger import LedgerTotals, SqliteLedger
 from tests.gateway.paying import decode_challenge, v2_header
 from tests.gateway.server import ServerThread, free_port
+from tests.helpers import Key, new_key
 
 ETH = 10**18
 USDC = 10**6
 ROOT = Path(__file__).resolve().parents[2]
 BODY: dict[str, Any] = {"prompt": "a lighthouse at dawn", "templateData": {"duration": 1}}
-
-
-@dataclass(frozen=True)
-class Key:
-    address: str
-    key: str
-
-
-def new_key() -> Key:
-    acct = Account.create()
-    return Key(acct.address, "0x" + bytes(acct.key).hex())
 
 
 def funded_settler(local_chain: Any) -> Key:
