@@ -8,7 +8,9 @@
       PaymentRefunded (409)     a replayed authorization whose money was already refunded
       PayloadTooLarge (413)     body or header above its bound
       TooManyRequests (429)     a rate limit on the 402 path; Retry-After
+      UpstreamUnreachable (502) proxy mode: the upstream could not be reached (paid: refunded)
       ServiceUnavailable (503)  chain or database unreachable before money moved; Retry-After
+      UpstreamTimeout (504)     proxy mode: the upstream did not answer in time (paid: refunded)
 
 Payment faults are answered by the middleware with a 402 challenge that carries the x402 reason
 string, so an agent always learns why and never pays blindly twice.
@@ -35,6 +37,8 @@ __all__ = [
     "PaymentRefunded",
     "ServiceUnavailable",
     "TooManyRequests",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
     "exception_handlers",
     "problem_response",
 ]
@@ -100,6 +104,16 @@ class TooManyRequests(HTTPProblem):
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, headers={"retry-after": str(retry_after)})
+
+
+class UpstreamUnreachable(HTTPProblem):
+    status = 502
+    reason = "upstream_unreachable"
+
+
+class UpstreamTimeout(HTTPProblem):
+    status = 504
+    reason = "upstream_timeout"
 
 
 class ServiceUnavailable(HTTPProblem):

@@ -40,15 +40,13 @@ import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.errors import HTTPProblem, problem_response
+from gateway.errors import HTTPProblem, UpstreamTimeout, UpstreamUnreachable, problem_response
 from gateway.middleware import PAID_STATE_KEY, PaidRequest
 
 __all__ = [
     "PAYER_HEADERS",
     "Forwarder",
     "PayerHeaders",
-    "UpstreamTimeout",
-    "UpstreamUnreachable",
     "new_upstream_client",
     "payer_headers",
     "sign_payer_headers",
@@ -93,16 +91,6 @@ _RESPONSE_DROP: Final = _HOP_BY_HOP | {
     b"date",
     b"server",
 }
-
-
-class UpstreamUnreachable(HTTPProblem):
-    status = 502
-    reason = "upstream_unreachable"
-
-
-class UpstreamTimeout(HTTPProblem):
-    status = 504
-    reason = "upstream_timeout"
 
 
 @dataclass(frozen=True)
