@@ -175,7 +175,7 @@ class PaymentMiddleware:
             await self._challenge(offered, exc.reason, scope, receive, send, detail=exc.detail)
             return
         except InfrastructureError as exc:
-            log.warning("payment infrastructure fault: %s", type(exc).__name__)
+            log.warning("payment infrastructure fault: %s: %s", type(exc).__name__, exc)
             raise ServiceUnavailable(
                 "the payment could not be completed now; retry with the same payment header "
                 "(an authorization is never charged twice)"
