@@ -211,8 +211,13 @@ class Forwarder:
         self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.forward(scope, receive, send)
+
+    async def forward(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Relay one request and its answer; False when the upstream's answer broke off after
+        its status line was sent (the client saw a cut connection, not the whole answer)."""
         if scope["type"] != "http":
-            return  # websockets are not proxied
+            return True  # websockets are not proxied
         method: str = scope["method"]
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         path = raw_path.decode("latin-1")
@@ -226,17 +231,17 @@ class Forwarder:
         try:
             response = await self.client().send(request, stream=True)
         except _ClientGone:
-            return
+            return True
         except httpx.TimeoutException:
             log.warning("upstream timeout %s %s", method, scope["path"])
             await _problem(UpstreamTimeout("the upstream did not answer in time"), scope, send)
-            return
+            return True
         except httpx.HTTPError as exc:
             log.warning("upstream unreachable %s %s: %s", method, scope["path"], type(exc).__name__)
             await _problem(UpstreamUnreachable("the upstream could not be reached"), scope, send)
-            return
+            return True
         try:
-            await self._relay(response, receive, send)
+            return await self._relay(response, receive, send)
         finally:
             await response.aclose()
 
@@ -292,7 +297,7 @@ class Forwarder:
             )
         return out
 
-    async def _relay(self, response: httpx.Response, receive: Receive, send: Send) -> None:
+    async def _relay(self, response: httpx.Response, receive: Receive, send: Send) -> bool:
         connection_named = _connection_tokens(response.headers.raw)
         headers = [
             (name.lower(), value)
@@ -321,10 +326,11 @@ class Forwarder:
                 # The status line is gone: ending without the final body message makes the
                 # server cut the connection, the only honest signal left to the client.
                 log.warning("upstream stream broke: %s", type(exc).__name__)
-                return
+                return False
             finally:
                 group.cancel_scope.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
 
 def _has_body(scope: Scope) -> bool:

@@ -5,10 +5,11 @@ routes file, then a router that serves `/healthz` and discovery and forwards eve
 upstream. Unpriced requests are forwarded free or refused, by `settings.proxy_unpriced`.
 
 Refund rule: a paid request the upstream did not answer below 500 (5xx, timeout, unreachable,
-or nothing at all) is refunded on chain. A delivered one is recorded in the ledger (the payment
-is linked to the marker `proxy:<status>`), so start-up reconciliation refunds exactly the paid
-requests a crash left unanswered. A payment buys one forwarded request: a replay of an
-authorization that was already delivered (or refunded) is answered 409, never forwarded again.
+or nothing at all), or whose answer broke off mid-stream, is refunded on chain. A delivered one
+is recorded in the ledger (the payment is linked to the marker `proxy:<status>`), so start-up
+reconciliation refunds exactly the paid requests a crash left unanswered. A payment buys one
+forwarded request: a replay of an authorization that was already delivered (or refunded) is
+answered 409, never forwarded again.
 """
 
 from __future__ import annotations
@@ -255,7 +256,11 @@ class _Deliveries:
             await send(message)
 
         try:
-            await self.forwarder(scope, receive, send_marked)
+            whole = await self.forwarder.forward(scope, receive, send_marked)
+            if delivered and not whole:
+                # The upstream broke off mid-answer: the client got a cut connection, not
+                # what it paid for. (A crash before this refund leaves it marked delivered.)
+                await _refund_quietly(self.money(), payment_id)
         finally:
             if delivered:
                 self.inflight.discard(payment_id)

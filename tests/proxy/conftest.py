@@ -71,6 +71,13 @@ price = "0.01"
 
 [[route]]
 method = "POST"
+path = "/v1/broken"
+description = "Breaks off mid-answer"
+mime_type = "text/plain"
+price = "0.01"
+
+[[route]]
+method = "POST"
 path = "/v1/slow"
 description = "Answers after the proxy timeout"
 price = "0.01"

@@ -179,6 +179,32 @@ async def test_upstream_500_after_payment_is_refunded_on_chain(
     assert amount > 0
 
 
+async def test_answer_broken_off_mid_stream_is_refunded_on_chain(
+    proxy: Proxy, upstream: UpstreamFixture, funded_payer: Any, local_chain: Any
+) -> None:
+    recorder, _ = upstream
+    payer: DevAccount = funded_payer()
+    amount, r402 = await challenge(proxy, "/v1/broken", {})
+    header = v2_header(r402.headers["payment-required"], payer.private_key)
+    before = local_chain.usdc_balance(payer.address)
+    received: list[bytes] = []
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        with pytest.raises(httpx.RemoteProtocolError):  # the cut is passed on, not hidden
+            async with http.stream(
+                "POST", "/v1/broken", json={}, headers={"PAYMENT-SIGNATURE": header}
+            ) as r:
+                assert r.status_code == 200
+                assert decode_settle_response(r.headers["payment-response"]).success
+                async for chunk in r.aiter_raw():
+                    received.append(chunk)
+        assert b"".join(received) == b"partial\n"
+        await wait_balance(local_chain, payer.address, before)  # charged, then given back
+        again = await http.post("/v1/broken", json={}, headers={"PAYMENT-SIGNATURE": header})
+    assert again.status_code == 409 and again.json()["error"] == "payment_refunded"
+    assert len(recorder.hits("/v1/broken")) == 1
+    assert amount > 0
+
+
 async def test_upstream_timeout_is_504_and_refunded(
     proxy: Proxy, funded_payer: Any, local_chain: Any
 ) -> None:

@@ -84,6 +84,17 @@ class Upstream:
 
             return StreamingResponse(chunks(), media_type="text/plain")
 
+        async def broken(request: Request) -> Response:
+            await record(request)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                yield b"partial\n"
+                await anyio.sleep(0.2)
+                # uvicorn cuts the connection when a started stream raises: no final chunk
+                raise RuntimeError("the upstream died mid-answer (deliberate, for the test)")
+
+            return StreamingResponse(chunks(), media_type="text/plain")
+
         async def fail(request: Request) -> Response:
             await record(request)
             return JSONResponse({"error": "upstream broke"}, status_code=500)
@@ -100,6 +111,7 @@ class Upstream:
                 Route("/v1/report", echo, methods=["GET"]),
                 Route("/v1/stream", stream, methods=["POST"]),
                 Route("/v1/fail", fail, methods=["POST"]),
+                Route("/v1/broken", broken, methods=["POST"]),
                 Route("/v1/slow", slow, methods=["POST"]),
                 Route("/free/{rest:path}", echo, methods=["GET", "POST"]),
             ]
