@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from eth_abi.abi import decode
 from eth_account import Account
 
 from payments.localchain import RpcError
 
-__all__ = ["Key", "free_port", "new_key", "revert_reason"]
+__all__ = ["Key", "free_port", "new_key", "revert_reason", "wait_balance"]
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 
@@ -44,3 +47,14 @@ def revert_reason(error: RpcError) -> str:
         return ""
     (reason,) = decode(["string"], raw[4:])
     return str(reason)
+
+
+async def wait_balance(local_chain: Any, address: str, expected: int, limit_s: float = 15) -> None:
+    """Until ``address`` holds ``expected`` USDC on chain (a transaction the node took may still
+    wait for its block); asserts it does within ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if local_chain.usdc_balance(address) == expected:
+            return
+        await asyncio.sleep(0.1)
+    assert local_chain.usdc_balance(address) == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from payments import decode_settle_response
 from payments.ledger import PaymentState, SqliteLedger
 from payments.localchain import DevAccount
 from tests.gateway.paying import decode_challenge, v1_header, v2_header
+from tests.helpers import wait_balance
 from tests.proxy.conftest import SECRET, Proxy, start_proxy
 from tests.proxy.upstream import Upstream
 
@@ -31,15 +31,6 @@ async def challenge(
     amount = int(offer["accepts"][0]["amount"])
     assert int(r.json()["accepts"][0]["maxAmountRequired"]) == amount
     return amount, r
-
-
-async def wait_balance(local_chain: Any, address: str, expected: int, limit_s: float = 15) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if local_chain.usdc_balance(address) == expected:
-            return
-        await asyncio.sleep(0.1)
-    assert local_chain.usdc_balance(address) == expected
 
 
 async def test_paid_request_reaches_upstream_with_signed_payer_headers(

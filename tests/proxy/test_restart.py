@@ -13,8 +13,9 @@ from payments.localchain import DevAccount
 from tests.gateway.conftest import ETH, new_key
 from tests.gateway.paying import v2_header
 from tests.gateway.server import ServerThread, free_port
+from tests.helpers import wait_balance
 from tests.proxy.conftest import Proxy, proxy_settings
-from tests.proxy.test_proxy import UpstreamFixture, challenge, wait_balance
+from tests.proxy.test_proxy import UpstreamFixture, challenge
 
 
 async def test_only_undelivered_payments_are_refunded_at_start_up(

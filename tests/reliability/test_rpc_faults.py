@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from tests.fault_proxy import FaultProxy
+from tests.helpers import wait_balance
 from tests.reliability.facts import Recorder
 from tests.reliability.harness import (
     BODY,
@@ -134,7 +135,8 @@ async def test_flap_during_settlement_resolved_by_retry(
         r = await _post(gw.url, header)
         assert proxy.swallowed == 1
         assert r.status_code == 503, r.text
-        assert local_chain.usdc_balance(payer.address) == before - amount  # the node took it
+        # the node took it (its block may come a moment after the 503)
+        await wait_balance(local_chain, payer.address, before - amount)
         rows = ledger_rows(gw.settings.database)
         assert [row["state"] for row in rows] == ["submitted"]
 
