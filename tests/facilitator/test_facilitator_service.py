@@ -16,7 +16,6 @@ import pytest
 from eth_account import Account
 from fastapi import FastAPI
 from pydantic import SecretStr
-from starlette.testclient import TestClient
 from x402 import x402Client, x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaymentOption, RouteConfig
 from x402.http.clients import x402HttpxClient
@@ -240,10 +239,13 @@ def test_without_token_it_warns_and_stays_open(
         settler_key=SecretStr(new_key().key),
         database=tmp_path / "open.db",
     )
-    app = create_facilitator_app(settings)
     empty = {"x402Version": 2, "paymentPayload": {}, "paymentRequirements": {}}
-    with caplog.at_level(logging.WARNING, logger="x402.facilitator"), TestClient(app) as client:
-        r = client.post("/verify", json=empty)
+    with caplog.at_level(logging.WARNING, logger="x402.facilitator"):
+        server = ServerThread(create_facilitator_app(settings), free_port()).start()
+        try:
+            r = httpx.post(server.url + "/verify", json=empty, timeout=30)
+        finally:
+            server.stop()
     assert r.status_code == 200 and r.json()["isValid"] is False  # served without a token
     assert any("X402_FACILITATOR_TOKEN is not set" in m for m in caplog.messages)
 
