@@ -123,6 +123,7 @@ async def test_proxy_discovery_matches_its_402s(proxy: Proxy) -> None:
         ("GET", "/v1/report"),
         ("POST", "/v1/stream"),
         ("POST", "/v1/fail"),
+        ("POST", "/v1/broken"),
         ("POST", "/v1/slow"),
     }
     echo = listed[("POST", "/v1/echo")]
