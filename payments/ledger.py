@@ -182,7 +182,9 @@ class Ledger(Protocol):
     ) -> PaymentRecord: ...
     async def abandon_refund(self, payment_id: str) -> PaymentRecord: ...
     async def mark_refunded(self, payment_id: str) -> PaymentRecord: ...
-    async def pending(self, limit: int = 1000) -> list[PaymentRecord]: ...
+    async def pending(
+        self, limit: int = 1000, *, idle_for_ms: int | None = None
+    ) -> list[PaymentRecord]: ...
     async def totals(
         self, *, chain_id: int | None = None, asset: str | None = None
     ) -> LedgerTotals: ...
@@ -225,6 +227,8 @@ _COLUMNS = (
 )
 
 # Must stay textually identical to the partial index's WHERE so SQLite can use the index.
+_NEVER_MS = 2**62  # an updated_at_ms no row reaches
+
 _PENDING_WHERE = (
     "state IN ('reserved', 'submitted', 'refund_submitted') "
     "OR (state = 'settled' AND task_id IS NULL)"
@@ -588,11 +592,16 @@ class SqliteLedger:
             idempotent=lambda r: r.state is _S.REFUNDED,
         )
 
-    async def pending(self, limit: int = 1000) -> list[PaymentRecord]:
-        """Rows a restart must look at: in flight, settled without work, refund in flight."""
+    async def pending(
+        self, limit: int = 1000, *, idle_for_ms: int | None = None
+    ) -> list[PaymentRecord]:
+        """Rows a restart must look at: in flight, settled without work, refund in flight.
+        With ``idle_for_ms``, only those unchanged for that long (a sweep while serving)."""
+        changed_before = _NEVER_MS if idle_for_ms is None else self._now_ms() - idle_for_ms
         return await self._fetch(
-            f"SELECT {_COLUMNS} FROM payments WHERE {_PENDING_WHERE} LIMIT ?",  # noqa: S608
-            (limit,),
+            f"SELECT {_COLUMNS} FROM payments "  # noqa: S608
+            f"WHERE ({_PENDING_WHERE}) AND updated_at_ms <= ? LIMIT ?",
+            (changed_before, limit),
         )
 
     async def totals(

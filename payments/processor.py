@@ -67,6 +67,7 @@ from payments import reasons
 from payments.chain import Chain
 from payments.eip3009 import Authorization, normalize_address, recover_signer
 from payments.errors import InfrastructureError, InvalidPayment, PaymentError, SettlementFailed
+from payments.keyed_lock import KeyedLock
 from payments.ledger import (
     IllegalTransition,
     Ledger,
@@ -207,7 +208,7 @@ class PaymentProcessor:
         self._lookback = log_lookback_blocks
         self._checkpoint = checkpoint
         self._inflight: dict[_Key, asyncio.Task[Settled]] = {}
-        self._refund_locks: dict[str, asyncio.Lock] = {}
+        self._refund_locks = KeyedLock()
         self._chain_id: int | None = None
 
     async def start(self) -> None:
@@ -691,11 +692,13 @@ class PaymentProcessor:
             return await self._ledger.mark_failed(row.id, reasons.VALID_BEFORE_EXPIRED)
         raise InfrastructureError(f"settlement {row.tx_hash} not found yet")
 
-    async def reconcile(self) -> ReconcileReport:
-        """Start-up pass over rows a crash may have left half-way (see module docstring)."""
+    async def reconcile(self, *, idle_for_ms: int | None = None) -> ReconcileReport:
+        """Start-up pass over rows a crash may have left half-way (see module docstring).
+        While serving, a sweep passes ``idle_for_ms``: only rows no request has touched for
+        that long (an answer lost on the way, a payer that never retried, a failed refund)."""
         report = ReconcileReport()
         busy = set(self._inflight)
-        for row in await self._ledger.pending():
+        for row in await self._ledger.pending(idle_for_ms=idle_for_ms):
             if (row.chain_id, row.asset, row.payer, row.nonce) in busy:
                 continue
             try:
@@ -751,13 +754,8 @@ class PaymentProcessor:
     async def refund(self, payment_id: str) -> PaymentRecord:
         """Send the payer's money back (settled -> refund_submitted -> refunded). Idempotent:
         a refunded payment returns as is; a refund in flight is awaited, not sent again."""
-        lock = self._refund_locks.setdefault(payment_id, asyncio.Lock())
-        try:
-            async with lock:
-                return await self._refund_locked(payment_id)
-        finally:
-            if not lock.locked() and self._refund_locks.get(payment_id) is lock:
-                del self._refund_locks[payment_id]
+        async with self._refund_locks.hold(payment_id):
+            return await self._refund_locked(payment_id)
 
     async def _refund_locked(self, payment_id: str) -> PaymentRecord:
         row = await self._ledger.get(payment_id)

@@ -194,6 +194,26 @@ async def test_pending_and_totals(ledger: SqliteLedger) -> None:
     assert (await ledger.totals(asset=USDC.lower())).net == 101_100
 
 
+async def test_pending_for_a_sweep_only_lists_rows_left_alone_long_enough(
+    tmp_path: Path,
+) -> None:
+    now = [1_000.0]
+    async with SqliteLedger(tmp_path / "l.db", clock=lambda: now[0]) as led:
+        old, _ = await led.reserve(new_payment())
+        await led.mark_submitted(old.id, TX_A)  # last touched at t=1000
+        now[0] = 1_100.0
+        touched, _ = await led.reserve(new_payment())
+        now[0] = 1_200.0
+        fresh, _ = await led.reserve(new_payment())
+        await led.mark_submitted(touched.id, TX_B)  # touched again at t=1200
+
+        assert {r.id for r in await led.pending()} == {old.id, touched.id, fresh.id}
+        assert [r.id for r in await led.pending(idle_for_ms=150_000)] == [old.id]
+        assert [r.id for r in await led.pending(idle_for_ms=200_000)] == [old.id]
+        assert await led.pending(idle_for_ms=200_001) == []
+        assert {r.id for r in await led.pending(idle_for_ms=0)} == {old.id, touched.id, fresh.id}
+
+
 async def test_rows_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     async with SqliteLedger(path) as led:
