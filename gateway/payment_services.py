@@ -9,8 +9,11 @@ be sent (``resolve_payee`` requires ``pay_to`` instead).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,7 +29,15 @@ from payments.processor import PaymentProcessor, ReconcileReport
 from payments.remote_facilitator import RemoteFacilitator, parse_auth_header
 from payments.settler import Settler
 
-__all__ = ["PaymentServices", "open_payments", "resolve_network", "resolve_payee"]
+__all__ = [
+    "PaymentServices",
+    "open_payments",
+    "payment_sweep",
+    "resolve_network",
+    "resolve_payee",
+]
+
+log = logging.getLogger("x402.gateway")
 
 
 @dataclass
@@ -129,3 +140,39 @@ async def open_payments(
             settler_address=settler.address if settler is not None else "",
             reconciled=report,
         )
+
+
+@asynccontextmanager
+async def payment_sweep(
+    services: PaymentServices, resolve: Callable[[list[str]], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """While the body runs: every ``payment_sweep_interval_seconds``, reconcile the payments
+    no request has touched for ``payment_sweep_idle_seconds``, as start-up does, and hand the
+    settled ones without delivered work to ``resolve`` (the face's own work-or-refund). A
+    payer whose answer was lost, and who never retries, thus gets the work's money back in
+    minutes, not at the next restart."""
+    interval = services.settings.payment_sweep_interval_seconds
+    if not interval:
+        yield
+        return
+    idle_ms = services.settings.payment_sweep_idle_seconds * 1000
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                report = await services.processor.reconcile(idle_for_ms=idle_ms)
+                if report.needs_task:
+                    await resolve(report.needs_task)
+                if report.settled or report.failed or report.refunded or report.released:
+                    log.info("payment sweep: %s", report)
+            except Exception:
+                log.exception("payment sweep failed; again in %d s", interval)
+
+    sweeper = asyncio.create_task(sweep_forever())
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper

@@ -49,6 +49,7 @@ from gateway.middleware import PAID_STATE_KEY, PaidRequest, PaymentMiddleware, P
 from gateway.payment_services import (
     PaymentServices,
     open_payments,
+    payment_sweep,
     resolve_network,
     resolve_payee,
 )
@@ -106,16 +107,17 @@ def create_proxy_app(
             settings, settler_key=settler_key, pay_to=pay_to, clock=clock
         ) as services:
             log.info("reconciled payments: %s", services.reconciled)
-            # Settled but never answered (a crash mid-request): the request cannot be replayed,
-            # so the money goes back.
-            for payment_id in services.reconciled.needs_task:
-                await _refund_quietly(services, payment_id)
-            async with new_upstream_client(settings.proxy_timeout_seconds) as client:
-                holder.update(money=services, client=client)
-                try:
+            holder["money"] = services
+            try:
+                await deliveries.refund_undelivered(services.reconciled.needs_task)
+                async with (
+                    new_upstream_client(settings.proxy_timeout_seconds) as client,
+                    payment_sweep(services, deliveries.refund_undelivered),
+                ):
+                    holder["client"] = client
                     yield {}
-                finally:
-                    holder.clear()
+            finally:
+                holder.clear()
 
     forwarder = Forwarder(
         settings.proxy_upstream,
@@ -274,6 +276,22 @@ class _Deliveries:
             raise PaymentAlreadyUsed(
                 "this payment already bought a request that was delivered; sign a new payment"
             )
+
+    async def refund_undelivered(self, payment_ids: list[str]) -> None:
+        """Settled payments with no delivery recorded (a crash mid-request, or a payer whose
+        answer was lost and who never came back): the request cannot be replayed by us, so the
+        money goes back. A payment being forwarded right now is left to its request; one
+        claimed here is refused to a replay meanwhile (409), then refunded."""
+        for payment_id in payment_ids:
+            if payment_id in self.inflight:
+                continue
+            self.inflight.add(payment_id)
+            try:
+                row = await self.money().ledger.get(payment_id)
+                if row.state is PaymentState.SETTLED and row.task_id is None:
+                    await _refund_quietly(self.money(), payment_id)
+            finally:
+                self.inflight.discard(payment_id)
 
     async def unaccepted(self, scope: Scope, paid: PaidRequest) -> None:
         """Paid, but not answered below 500: refund, if this request owned the payment (a

@@ -47,14 +47,9 @@ async def create_generation(request: Request) -> Response:
             "this authorization was settled and then refunded; sign a new payment",
         )
     # One task per payment: the task id is the payment id (the store refuses a second one),
-    # and concurrent replays of one authorization in this process serialise here.
-    lock = services.creating.setdefault(settled.payment_id, asyncio.Lock())
-    try:
-        async with lock:
-            task = await _task_for_payment(services, settled, quote)
-    finally:
-        if not lock.locked():
-            services.creating.pop(settled.payment_id, None)
+    # and concurrent replays of one authorization (and the payment sweep) serialise here.
+    async with services.payment_work.hold(settled.payment_id):
+        task = await _task_for_payment(services, settled, quote)
     content: dict[str, Any] = {"taskId": task.id}
     if body.webhook:
         content["webhookSecret"] = services.webhook_secret(task.id)
@@ -69,6 +64,13 @@ async def _task_for_payment(services: Services, settled: Settled, quote: Generat
     """The payment's task: the existing one (a replay), else a new one, linked and queued."""
     body = quote.body
     task = await services.tasks.get(settled.payment_id)
+    if task is None and settled.replay:
+        # An older payment: the sweep may have refunded it since the processor read its row.
+        row = await services.ledger.get(settled.payment_id)
+        if row.state is not PaymentState.SETTLED:
+            raise PaymentRefunded(
+                "this authorization was settled and then refunded; sign a new payment"
+            )
     if task is None:
         image = quote.image
         if image is None and body.templateData.image is not None:

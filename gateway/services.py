@@ -24,7 +24,7 @@ import httpx
 
 from gateway.errors import BadRequest, TooManyRequests
 from gateway.faults import checkpoint_for
-from gateway.payment_services import open_payments
+from gateway.payment_services import open_payments, payment_sweep
 from gateway.pricing import ModelPrice, PriceBook
 from gateway.schemas import CreateGeneration
 from gateway.settings import Settings
@@ -51,6 +51,7 @@ from generation import (
 )
 from payments import Network
 from payments.chain import Chain
+from payments.keyed_lock import KeyedLock
 from payments.ledger import PaymentState, SqliteLedger
 from payments.processor import PaymentProcessor
 
@@ -79,7 +80,9 @@ class Services:
     webhook_key: bytes
     policy: AddressPolicy
     upstream_enabled: bool
-    creating: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # One decision at a time about a payment's work (its task, or its refund): a request, its
+    # replays and the payment sweep serialise here.
+    payment_work: KeyedLock = field(default_factory=KeyedLock)
     # Unfinished tasks per payer in this process (a soft limit; recovered tasks are not counted).
     active: Counter[str] = field(default_factory=Counter)
     task_payer: dict[str, str] = field(default_factory=dict)
@@ -229,21 +232,30 @@ async def open_services(
         stack.push_async_callback(workers.stop)
         pruner = asyncio.create_task(_prune_media(media, settings.media_retention_hours * 3600))
         stack.callback(pruner.cancel)
+        await stack.enter_async_context(
+            payment_sweep(money, lambda ids: _adopt_or_refund(services, ids))
+        )
         yield services
 
 
 async def _adopt_or_refund(services: Services, payment_ids: list[str]) -> None:
-    """Settled payments without a linked task (a crash between settle and accept): link the
-    task if it was created (task id = payment id), else give the money back."""
+    """Settled payments without a linked task (a crash between settle and accept, or a payer
+    who never came back): link the task if it was created (task id = payment id), else give
+    the money back. Each under the payment's lock, from its current row: a replay may have
+    created the task meanwhile."""
     for payment_id in payment_ids:
-        task = await services.tasks.get(payment_id)
         try:
-            if task is not None:
-                await services.processor.link_task(payment_id, task.id)
-            else:
-                await services.processor.refund(payment_id)
+            async with services.payment_work.hold(payment_id):
+                row = await services.ledger.get(payment_id)
+                if row.state is not PaymentState.SETTLED or row.task_id is not None:
+                    continue
+                task = await services.tasks.get(payment_id)
+                if task is not None:
+                    await services.processor.link_task(payment_id, task.id)
+                else:
+                    await services.processor.refund(payment_id)
         except Exception:
-            log.exception("could not resolve settled payment %s; retried next start", payment_id)
+            log.exception("could not resolve settled payment %s; retried later", payment_id)
 
 
 async def _refund_failed_tasks(services: Services, *, since: float) -> None:

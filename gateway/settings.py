@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     rpc_timeout_seconds: PositiveInt = 10
     max_timeout_seconds: PositiveInt = 120
     settle_margin_seconds: int = Field(default=6, ge=0)
+    # While serving, payments left half-way (an answer lost on the way, a payer who never
+    # retried, a refund that failed) are resolved from the chain every interval, once no
+    # request has touched them for the idle time. 0 turns the sweep off (start-up still
+    # reconciles).
+    payment_sweep_interval_seconds: int = Field(default=60, ge=0)
+    payment_sweep_idle_seconds: PositiveInt = 300
 
     # HTTP.
     public_base_url: str | None = None  # e.g. https://api.example.com behind a proxy

@@ -1,5 +1,6 @@
-"""What a restart does with paid requests: a delivered one is recorded and kept; one that was
-paid but never answered (here: its refund could not be sent) is refunded during start-up."""
+"""What happens to paid requests left undelivered: a delivered one is recorded and kept; one
+that was paid but never answered (here: its refund could not be sent) is refunded during
+start-up, or, without a restart, by the payment sweep."""
 
 from __future__ import annotations
 
@@ -55,5 +56,47 @@ async def test_only_undelivered_payments_are_refunded_at_start_up(
         # refunded during start-up: the failed request only, never the delivered one
         await wait_balance(local_chain, payer.address, charged + failed_amount, limit_s=5)
         assert local_chain.usdc_balance(settler) == delivered_amount
+    finally:
+        server.stop()
+
+
+async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
+    local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
+) -> None:
+    settler, key = new_key()  # gas but no USDC: the first refund attempt fails
+    local_chain.fund(settler, eth_wei=10 * ETH)
+    cold, _ = new_key()
+    port = free_port()
+    settings = proxy_settings(
+        tmp_path,
+        local_chain.rpc_url,
+        key,
+        port,
+        upstream[1],
+        pay_to=cold,
+        payment_sweep_interval_seconds=1,
+        payment_sweep_idle_seconds=1,
+    )
+    payer: DevAccount = funded_payer()
+    before = local_chain.usdc_balance(payer.address)
+    server = ServerThread(create_proxy_app(settings), port).start()
+    try:
+        gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            kept, r402 = await challenge(gw, "/v1/echo", {"prompt": "kept"})
+            header = v2_header(r402.headers["payment-required"], payer.private_key)
+            ok = await http.post(
+                "/v1/echo", json={"prompt": "kept"}, headers={"PAYMENT-SIGNATURE": header}
+            )
+            assert ok.status_code == 200
+            lost, r402 = await challenge(gw, "/v1/fail", {})
+            header = v2_header(r402.headers["payment-required"], payer.private_key)
+            failed = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
+            assert failed.status_code == 500
+        assert local_chain.usdc_balance(payer.address) == before - kept - lost  # not yet back
+
+        local_chain.fund(settler, usdc=lost + kept)  # the operator funds the settler; no restart
+        await wait_balance(local_chain, payer.address, before - kept, limit_s=30)
+        assert local_chain.usdc_balance(settler) == kept  # the delivered payment stays paid
     finally:
         server.stop()

@@ -121,6 +121,51 @@ async def test_node_slower_than_the_timeout(
     )
 
 
+async def test_a_payer_who_never_retries_is_refunded_by_the_sweep(
+    local_chain: Any, tmp_path: Path, make_payer: Any, facts: Recorder
+) -> None:
+    proxy = FaultProxy.to(local_chain.rpc_url)
+    gw = _gateway(
+        local_chain,
+        tmp_path,
+        proxy,
+        rpc_timeout_seconds=2,
+        payment_sweep_interval_seconds=1,
+        payment_sweep_idle_seconds=2,
+    )
+    try:
+        payer = make_payer()
+        amount, header = await signed_payment(gw.url, payer)
+        before = local_chain.usdc_balance(payer.address)
+        pay_to_before = local_chain.usdc_balance(gw.pay_to)
+        proxy.cut_on = b"eth_sendRawTransaction"
+        r = await _post(gw.url, header)
+        assert r.status_code == 503, r.text
+        await wait_balance(local_chain, payer.address, before - amount)  # the node took it
+        proxy.restore()
+        # The payer never sends that header again: the sweep finds the transfer, no task for
+        # it, and gives the money back, without a restart.
+        await wait_balance(local_chain, payer.address, before, limit_s=30)
+        rows = ledger_rows(gw.settings.database)
+        assert [(row["state"], row["task_id"]) for row in rows] == [("refunded", None)]
+        assert rows[0]["refund_tx"] is not None
+        again = await _post(gw.url, header)
+        assert again.status_code == 409 and again.json()["error"] == "payment_refunded"
+        assert task_rows(gw.settings.database) == []
+        await _ledger_matches_chain(gw, local_chain, pay_to_before)
+    finally:
+        gw.stop()
+        proxy.stop()
+    facts.record(
+        "fault",
+        fault="RPC cut mid-settlement, payer never retries",
+        status=503,
+        charged=True,
+        outcome="refunded by the sweep while serving",
+        settled_times=1,
+    )
+
+
 async def test_flap_during_settlement_resolved_by_retry(
     local_chain: Any, tmp_path: Path, make_payer: Any, facts: Recorder
 ) -> None:
