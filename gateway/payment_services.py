@@ -148,9 +148,10 @@ async def payment_sweep(
 ) -> AsyncIterator[None]:
     """While the body runs: every ``payment_sweep_interval_seconds``, reconcile the payments
     no request has touched for ``payment_sweep_idle_seconds``, as start-up does, and hand the
-    settled ones without delivered work to ``resolve`` (the face's own work-or-refund). A
-    payer whose answer was lost, and who never retries, thus gets the work's money back in
-    minutes, not at the next restart."""
+    settled ones without delivered work to ``resolve`` (the face's own work-or-refund; not
+    called without a settler key, as nothing could be sent back). A payer whose answer was
+    lost, and who never retries, thus gets the money back in minutes, not at the next
+    restart."""
     interval = services.settings.payment_sweep_interval_seconds
     if not interval:
         yield
@@ -162,7 +163,7 @@ async def payment_sweep(
             await asyncio.sleep(interval)
             try:
                 report = await services.processor.reconcile(idle_for_ms=idle_ms)
-                if report.needs_task:
+                if services.settler_address:  # without a key, owed refunds wait for one
                     await resolve(report.needs_task)
                 if report.settled or report.failed or report.refunded or report.released:
                     log.info("payment sweep: %s", report)

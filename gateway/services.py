@@ -83,6 +83,8 @@ class Services:
     # One decision at a time about a payment's work (its task, or its refund): a request, its
     # replays and the payment sweep serialise here.
     payment_work: KeyedLock = field(default_factory=KeyedLock)
+    # Payments of failed tasks whose refund could not be sent yet: the payment sweep retries.
+    refunds_owed: set[str] = field(default_factory=set)
     # Unfinished tasks per payer in this process (a soft limit; recovered tasks are not counted).
     active: Counter[str] = field(default_factory=Counter)
     task_payer: dict[str, str] = field(default_factory=dict)
@@ -232,9 +234,7 @@ async def open_services(
         stack.push_async_callback(workers.stop)
         pruner = asyncio.create_task(_prune_media(media, settings.media_retention_hours * 3600))
         stack.callback(pruner.cancel)
-        await stack.enter_async_context(
-            payment_sweep(money, lambda ids: _adopt_or_refund(services, ids))
-        )
+        await stack.enter_async_context(payment_sweep(money, lambda ids: _sweep(services, ids)))
         yield services
 
 
@@ -258,6 +258,19 @@ async def _adopt_or_refund(services: Services, payment_ids: list[str]) -> None:
             log.exception("could not resolve settled payment %s; retried later", payment_id)
 
 
+async def _sweep(services: Services, payment_ids: list[str]) -> None:
+    """The payment sweep's part here: settled payments without a task, then the refunds of
+    failed tasks that could not be sent when the task failed."""
+    await _adopt_or_refund(services, payment_ids)
+    for payment_id in sorted(services.refunds_owed):
+        try:
+            await services.processor.refund(payment_id)
+        except Exception:
+            log.warning("refund of payment %s still cannot be sent; retried later", payment_id)
+        else:
+            services.refunds_owed.discard(payment_id)
+
+
 async def _refund_failed_tasks(services: Services, *, since: float) -> None:
     """A task can fail and the process die before its refund was sent: find those and refund
     (idempotent: a payment already refunded is left as it is)."""
@@ -278,7 +291,8 @@ async def _on_task_done(services: Services, task: Task) -> None:
         try:
             await services.processor.refund(task.payment_ref)
         except Exception:
-            # Reconciliation at the next start retries; the status shows the refund as pending.
+            # The payment sweep retries (and a restart); the status shows the refund pending.
+            services.refunds_owed.add(task.payment_ref)
             log.exception(
                 "refund of payment %s for failed task %s failed", task.payment_ref, task.id
             )
