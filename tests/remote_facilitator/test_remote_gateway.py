@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +15,10 @@ from pydantic import SecretStr
 
 from payments import decode_settle_response
 from payments.localchain import DevAccount
-from tests.gateway.conftest import USDC
+from tests.gateway.conftest import ETH, USDC, new_key
 from tests.gateway.paying import decode_challenge, v1_header, v2_header
 from tests.gateway.server import ServerThread, free_port
+from tests.helpers import wait_balance
 
 from .conftest import TOKEN, RemoteGateway, Served, Stub, start_remote_gateway
 
@@ -245,3 +247,44 @@ async def test_a_facilitator_refusing_our_credentials_is_503(
         stub.verify = (200, {"isValid": True})
     assert r.status_code == 503, r.text  # our misconfiguration, not the payer's fault
     assert local_chain.usdc_balance(payer.address) == USDC
+
+
+async def test_a_lost_answer_nobody_retries_is_refunded_by_the_sweep(
+    ours: Served,
+    local_chain: Any,
+    tmp_path: Path,
+    funded_payer: Callable[..., DevAccount],
+) -> None:
+    # Remote mode with a settler key for refunds (payTo = the settler, so it holds the money).
+    settler, key = new_key()
+    local_chain.fund(settler, eth_wei=10 * ETH)
+    gw = start_remote_gateway(
+        local_chain,
+        tmp_path,
+        ours.url,
+        facilitator_auth_header=SecretStr(f"Authorization: Bearer {TOKEN}"),
+        settler_key=SecretStr(key),
+        pay_to=settler,
+        payment_sweep_interval_seconds=1,
+        payment_sweep_idle_seconds=1,
+    )
+    payer = funded_payer(usdc=USDC, eth_wei=0)
+    try:
+        amount, name, value = await _signed(gw.url, payer, 2)
+        ours.proxy.swallowed = 0
+        ours.proxy.cut_on = b"POST /settle"
+        try:
+            lost = await _pay(gw.url, name, value)  # every retry finds the proxy down
+        finally:
+            ours.proxy.restore()
+        assert lost.status_code == 503, lost.text
+        assert ours.proxy.swallowed == 1
+        assert local_chain.usdc_balance(payer.address) == USDC - amount  # the facilitator acted
+        # The payer never sends that header again: the sweep finds the transfer on chain, no
+        # task for it, and sends the money back from the settler key.
+        await wait_balance(local_chain, payer.address, USDC, limit_s=30)
+        assert local_chain.usdc_balance(settler) == 0
+        again = await _pay(gw.url, name, value)
+        assert again.status_code == 409 and again.json()["error"] == "payment_refunded"
+    finally:
+        gw.server.stop()
