@@ -1,6 +1,6 @@
-"""Our real gateway in remote facilitator mode (no settler key) against two real facilitators on
-the same Anvil: ours and the official SDK's. Payments are signed for real and every balance is
-read on chain."""
+"""Our real gateway in remote facilitator mode (no settler key, but where a refund is sent)
+against two real facilitators on the same Anvil: ours and the official SDK's. Payments are
+signed for real and every balance is read on chain."""
 
 from __future__ import annotations
 
