@@ -41,11 +41,6 @@ async def create_generation(request: Request) -> Response:
     settled = paid.settled
     quote: GenerationQuote = paid.quote.request
     body = quote.body
-    if settled.state is not PaymentState.SETTLED and settled.task_id is None:
-        # A replay of an authorization whose money already went back (refunded after a crash).
-        raise PaymentRefunded(
-            "this authorization was settled and then refunded; sign a new payment",
-        )
     # One task per payment: the task id is the payment id (the store refuses a second one),
     # and concurrent replays of one authorization (and the payment sweep) serialise here.
     async with services.payment_work.hold(settled.payment_id):
@@ -65,7 +60,8 @@ async def _task_for_payment(services: Services, settled: Settled, quote: Generat
     body = quote.body
     task = await services.tasks.get(settled.payment_id)
     if task is None and settled.replay:
-        # An older payment: the sweep may have refunded it since the processor read its row.
+        # A replay whose money may have gone back since (refunded after a crash, or by the
+        # sweep after the processor read the row): the row as it is now, under the lock.
         row = await services.ledger.get(settled.payment_id)
         if row.state is not PaymentState.SETTLED:
             raise PaymentRefunded(

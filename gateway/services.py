@@ -265,8 +265,10 @@ async def _sweep(services: Services, payment_ids: list[str]) -> None:
     for payment_id in sorted(services.refunds_owed):
         try:
             await services.processor.refund(payment_id)
-        except Exception:
-            log.warning("refund of payment %s still cannot be sent; retried later", payment_id)
+        except Exception as exc:
+            log.warning(
+                "refund of payment %s still cannot be sent (%s); retried later", payment_id, exc
+            )
         else:
             services.refunds_owed.discard(payment_id)
 
