@@ -19,13 +19,35 @@ from tests.proxy.conftest import Proxy, proxy_settings
 from tests.proxy.test_proxy import UpstreamFixture, challenge
 
 
+def _unfunded_settler(local_chain: Any) -> tuple[str, str]:
+    """(address, key) of a settler with gas but no USDC: its first refund cannot be sent."""
+    settler, key = new_key()
+    local_chain.fund(settler, eth_wei=10 * ETH)
+    return settler, key
+
+
+async def _one_delivered_one_failed(gw: Proxy, payer: DevAccount) -> tuple[int, int]:
+    """Pay for a request the upstream answers and one it fails (500): (kept, failed) amounts."""
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        kept, r402 = await challenge(gw, "/v1/echo", {"prompt": "kept"})
+        header = v2_header(r402.headers["payment-required"], payer.private_key)
+        ok = await http.post(
+            "/v1/echo", json={"prompt": "kept"}, headers={"PAYMENT-SIGNATURE": header}
+        )
+        assert ok.status_code == 200
+        failed_amount, r402 = await challenge(gw, "/v1/fail", {})
+        header = v2_header(r402.headers["payment-required"], payer.private_key)
+        failed = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
+        assert failed.status_code == 500
+    return kept, failed_amount
+
+
 async def test_only_undelivered_payments_are_refunded_at_start_up(
     local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
 ) -> None:
     # payTo is a cold wallet and the settler holds gas but no USDC: the refund after the
     # upstream's 500 cannot be sent at first. The operator funds the settler and restarts.
-    settler, key = new_key()
-    local_chain.fund(settler, eth_wei=10 * ETH)
+    settler, key = _unfunded_settler(local_chain)
     cold, _ = new_key()
     port = free_port()
     settings = proxy_settings(tmp_path, local_chain.rpc_url, key, port, upstream[1], pay_to=cold)
@@ -34,17 +56,7 @@ async def test_only_undelivered_payments_are_refunded_at_start_up(
     server = ServerThread(create_proxy_app(settings), port).start()
     try:
         gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-            delivered_amount, r402 = await challenge(gw, "/v1/echo", {"prompt": "kept"})
-            header = v2_header(r402.headers["payment-required"], payer.private_key)
-            ok = await http.post(
-                "/v1/echo", json={"prompt": "kept"}, headers={"PAYMENT-SIGNATURE": header}
-            )
-            assert ok.status_code == 200
-            failed_amount, r402 = await challenge(gw, "/v1/fail", {})
-            header = v2_header(r402.headers["payment-required"], payer.private_key)
-            failed = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
-            assert failed.status_code == 500
+        delivered_amount, failed_amount = await _one_delivered_one_failed(gw, payer)
     finally:
         server.stop()
     charged = before - delivered_amount - failed_amount
@@ -63,8 +75,7 @@ async def test_only_undelivered_payments_are_refunded_at_start_up(
 async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
     local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
 ) -> None:
-    settler, key = new_key()  # gas but no USDC: the first refund attempt fails
-    local_chain.fund(settler, eth_wei=10 * ETH)
+    settler, key = _unfunded_settler(local_chain)
     cold, _ = new_key()
     port = free_port()
     settings = proxy_settings(
@@ -82,17 +93,7 @@ async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
     server = ServerThread(create_proxy_app(settings), port).start()
     try:
         gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-            kept, r402 = await challenge(gw, "/v1/echo", {"prompt": "kept"})
-            header = v2_header(r402.headers["payment-required"], payer.private_key)
-            ok = await http.post(
-                "/v1/echo", json={"prompt": "kept"}, headers={"PAYMENT-SIGNATURE": header}
-            )
-            assert ok.status_code == 200
-            lost, r402 = await challenge(gw, "/v1/fail", {})
-            header = v2_header(r402.headers["payment-required"], payer.private_key)
-            failed = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
-            assert failed.status_code == 500
+        kept, lost = await _one_delivered_one_failed(gw, payer)
         assert local_chain.usdc_balance(payer.address) == before - kept - lost  # not yet back
 
         local_chain.fund(settler, usdc=lost + kept)  # the operator funds the settler; no restart
