@@ -46,6 +46,23 @@ async def _ledger_matches_chain(gw: InProcessGateway, local_chain: Any, pay_to_b
     assert local_chain.usdc_balance(gw.pay_to) - pay_to_before == totals.net, totals
 
 
+async def _cut_mid_settlement(
+    gw: InProcessGateway, proxy: FaultProxy, local_chain: Any, payer: Any
+) -> tuple[int, str, int, int]:
+    """Pay while the node's answer to the settlement's send is cut: the node takes the tx, the
+    gateway answers 503. Returns (amount, header, payer's balance before, payTo's before) once
+    the tx is mined (its block may come a moment after the 503)."""
+    amount, header = await signed_payment(gw.url, payer)
+    before = local_chain.usdc_balance(payer.address)
+    pay_to_before = local_chain.usdc_balance(gw.pay_to)
+    proxy.cut_on = b"eth_sendRawTransaction"
+    r = await _post(gw.url, header)
+    assert proxy.swallowed == 1
+    assert r.status_code == 503, r.text
+    await wait_balance(local_chain, payer.address, before - amount)  # the node took it
+    return amount, header, before, pay_to_before
+
+
 async def test_node_unreachable_before_settlement(
     local_chain: Any, tmp_path: Path, make_payer: Any, facts: Recorder
 ) -> None:
@@ -135,13 +152,7 @@ async def test_a_payer_who_never_retries_is_refunded_by_the_sweep(
     )
     try:
         payer = make_payer()
-        amount, header = await signed_payment(gw.url, payer)
-        before = local_chain.usdc_balance(payer.address)
-        pay_to_before = local_chain.usdc_balance(gw.pay_to)
-        proxy.cut_on = b"eth_sendRawTransaction"
-        r = await _post(gw.url, header)
-        assert r.status_code == 503, r.text
-        await wait_balance(local_chain, payer.address, before - amount)  # the node took it
+        _, header, before, pay_to_before = await _cut_mid_settlement(gw, proxy, local_chain, payer)
         proxy.restore()
         # The payer never sends that header again: the sweep finds the transfer, no task for
         # it, and gives the money back, without a restart.
@@ -173,15 +184,9 @@ async def test_flap_during_settlement_resolved_by_retry(
     gw = _gateway(local_chain, tmp_path, proxy, rpc_timeout_seconds=2)
     try:
         payer = make_payer()
-        amount, header = await signed_payment(gw.url, payer)
-        before = local_chain.usdc_balance(payer.address)
-        pay_to_before = local_chain.usdc_balance(gw.pay_to)
-        proxy.cut_on = b"eth_sendRawTransaction"
-        r = await _post(gw.url, header)
-        assert proxy.swallowed == 1
-        assert r.status_code == 503, r.text
-        # the node took it (its block may come a moment after the 503)
-        await wait_balance(local_chain, payer.address, before - amount)
+        amount, header, before, pay_to_before = await _cut_mid_settlement(
+            gw, proxy, local_chain, payer
+        )
         rows = ledger_rows(gw.settings.database)
         assert [row["state"] for row in rows] == ["submitted"]
 
@@ -214,13 +219,7 @@ async def test_flap_during_settlement_resolved_by_restart(
     restarted: InProcessGateway | None = None
     try:
         payer = make_payer()
-        amount, header = await signed_payment(gw.url, payer)
-        before = local_chain.usdc_balance(payer.address)
-        pay_to_before = local_chain.usdc_balance(gw.pay_to)
-        proxy.cut_on = b"eth_sendRawTransaction"
-        r = await _post(gw.url, header)
-        assert r.status_code == 503, r.text
-        assert local_chain.usdc_balance(payer.address) == before - amount
+        _, header, before, pay_to_before = await _cut_mid_settlement(gw, proxy, local_chain, payer)
         gw.stop()
 
         proxy.restore()
