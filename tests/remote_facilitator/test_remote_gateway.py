@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from payments import decode_settle_response
 from payments.localchain import DevAccount
+from tests.fault_proxy import FaultProxy
 from tests.gateway.conftest import ETH, USDC, new_key
 from tests.gateway.paying import decode_challenge, v1_header, v2_header
 from tests.gateway.server import ServerThread, free_port
@@ -85,6 +86,25 @@ def _sender(local_chain: Any, tx: str) -> str:
     return str(found["from"]).lower()
 
 
+async def _lose_every_settle_answer(
+    url: str, proxy: FaultProxy, payer: DevAccount, local_chain: Any
+) -> tuple[int, str, str]:
+    """Pay while every answer to /settle is cut (the facilitator acts on the first): the gateway
+    answers 503 although the money moved. Returns (amount, header name, header value)."""
+    amount, name, value = await _signed(url, payer, 2)
+    proxy.swallowed = 0
+    proxy.cut_on = b"POST /settle"
+    try:
+        lost = await _pay(url, name, value)  # every retry finds the proxy down
+    finally:
+        proxy.restore()
+    assert lost.status_code == 503, lost.text
+    assert proxy.swallowed == 1
+    # the money moved (the facilitator acted) although the gateway could not know it yet
+    assert local_chain.usdc_balance(payer.address) == USDC - amount
+    return amount, name, value
+
+
 @pytest.mark.parametrize("version", [2, 1])
 async def test_settles_once_and_a_replay_is_free(
     setup: Setup, version: int, funded_payer: Callable[..., DevAccount], local_chain: Any
@@ -136,18 +156,9 @@ async def test_lost_answers_give_503_and_the_same_header_then_settles_once(
     setup: Setup, funded_payer: Callable[..., DevAccount], local_chain: Any
 ) -> None:
     payer = funded_payer(usdc=USDC, eth_wei=0)
-    proxy = setup.facilitator.proxy
-    amount, name, value = await _signed(setup.gateway.url, payer, 2)
-    proxy.swallowed = 0
-    proxy.cut_on = b"POST /settle"
-    try:
-        lost = await _pay(setup.gateway.url, name, value)  # every retry finds the proxy down
-    finally:
-        proxy.restore()
-    assert lost.status_code == 503, lost.text
-    assert proxy.swallowed == 1
-    # the money moved (the facilitator acted) although the gateway could not know it yet
-    assert local_chain.usdc_balance(payer.address) == USDC - amount
+    amount, name, value = await _lose_every_settle_answer(
+        setup.gateway.url, setup.facilitator.proxy, payer, local_chain
+    )
 
     r = await _pay(setup.gateway.url, name, value)
     assert r.status_code == 202, r.text
@@ -270,16 +281,7 @@ async def test_a_lost_answer_nobody_retries_is_refunded_by_the_sweep(
     )
     payer = funded_payer(usdc=USDC, eth_wei=0)
     try:
-        amount, name, value = await _signed(gw.url, payer, 2)
-        ours.proxy.swallowed = 0
-        ours.proxy.cut_on = b"POST /settle"
-        try:
-            lost = await _pay(gw.url, name, value)  # every retry finds the proxy down
-        finally:
-            ours.proxy.restore()
-        assert lost.status_code == 503, lost.text
-        assert ours.proxy.swallowed == 1
-        assert local_chain.usdc_balance(payer.address) == USDC - amount  # the facilitator acted
+        _, name, value = await _lose_every_settle_answer(gw.url, ours.proxy, payer, local_chain)
         # The payer never sends that header again: the sweep finds the transfer on chain, no
         # task for it, and sends the money back from the settler key.
         await wait_balance(local_chain, payer.address, USDC, limit_s=30)
