@@ -66,6 +66,7 @@ log = logging.getLogger("x402.proxy")
 
 DELIVERED_PREFIX = "proxy:"
 _OWNER_KEY = "x402.proxy.owner"
+_FORWARDING, _REFUNDING = "forwarding", "refunding"  # what _Deliveries is doing with a payment
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -230,7 +231,8 @@ class _Deliveries:
     def __init__(self, forwarder: Forwarder, money: Callable[[], PaymentServices]) -> None:
         self.forwarder = forwarder
         self.money = money
-        self.inflight: set[str] = set()
+        # payment id -> what is being done with it now: "forwarding" or "refunding"
+        self.inflight: dict[str, str] = {}
 
     async def forward_paid(
         self, scope: Scope, receive: Receive, send: Send, paid: PaidRequest
@@ -242,7 +244,7 @@ class _Deliveries:
             # The same authorization came back: was its request delivered meanwhile?
             row = await self.money().ledger.get(payment_id)
             self._check_usable(payment_id, row.state, task_id=row.task_id)
-        self.inflight.add(payment_id)
+        self.inflight[payment_id] = _FORWARDING
         scope.setdefault("state", {})[_OWNER_KEY] = payment_id
         delivered = False
 
@@ -262,13 +264,17 @@ class _Deliveries:
             if delivered and not whole:
                 # The upstream broke off mid-answer: the client got a cut connection, not
                 # what it paid for. (A crash before this refund leaves it marked delivered.)
+                self.inflight[payment_id] = _REFUNDING
                 await _refund_quietly(self.money(), payment_id)
         finally:
             if delivered:
-                self.inflight.discard(payment_id)
+                self.inflight.pop(payment_id, None)
 
     def _check_usable(self, payment_id: str, state: PaymentState, *, task_id: str | None) -> None:
-        if payment_id in self.inflight:
+        doing = self.inflight.get(payment_id)
+        if doing == _REFUNDING:
+            raise PaymentRefunded("this payment is being refunded; sign a new payment")
+        if doing == _FORWARDING:
             raise PaymentAlreadyUsed("this payment's request is being forwarded now")
         if state is not PaymentState.SETTLED:
             raise PaymentRefunded("this payment was refunded; sign a new payment")
@@ -285,13 +291,13 @@ class _Deliveries:
         for payment_id in payment_ids:
             if payment_id in self.inflight:
                 continue
-            self.inflight.add(payment_id)
+            self.inflight[payment_id] = _REFUNDING
             try:
                 row = await self.money().ledger.get(payment_id)
                 if row.state is PaymentState.SETTLED and row.task_id is None:
                     await _refund_quietly(self.money(), payment_id)
             finally:
-                self.inflight.discard(payment_id)
+                self.inflight.pop(payment_id, None)
 
     async def unaccepted(self, scope: Scope, paid: PaidRequest) -> None:
         """Paid, but not answered below 500: refund, if this request owned the payment (a
@@ -299,10 +305,11 @@ class _Deliveries:
         payment_id = paid.settled.payment_id
         if scope.get("state", {}).get(_OWNER_KEY) != payment_id:
             return
+        self.inflight[payment_id] = _REFUNDING
         try:
             await _refund_quietly(self.money(), payment_id)
         finally:
-            self.inflight.discard(payment_id)
+            self.inflight.pop(payment_id, None)
 
 
 async def _refund_quietly(services: PaymentServices, payment_id: str) -> None:
