@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from eth_abi.abi import decode
 from eth_account import Account
 
 from payments.localchain import RpcError
 
-__all__ = ["Key", "free_port", "new_key", "revert_reason", "wait_balance"]
+__all__ = ["Key", "free_port", "new_key", "revert_reason", "wait_balance", "wait_until"]
+
+T = TypeVar("T")
 
 _ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 
@@ -52,9 +55,23 @@ def revert_reason(error: RpcError) -> str:
 async def wait_balance(local_chain: Any, address: str, expected: int, limit_s: float = 15) -> None:
     """Until ``address`` holds ``expected`` USDC on chain (a transaction the node took may still
     wait for its block); asserts it does within ``limit_s``."""
+
+    async def balance() -> int:
+        held: int = local_chain.usdc_balance(address)
+        return held
+
+    await wait_until(balance, lambda held: held == expected, limit_s)
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], limit_s: float = 15
+) -> T:
+    """Call ``probe`` until ``done`` holds for what it returns (a ledger row written a moment
+    after the block that caused it, say); asserts it does within ``limit_s``."""
     deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if local_chain.usdc_balance(address) == expected:
-            return
+    seen = await probe()
+    while not done(seen) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert local_chain.usdc_balance(address) == expected
+        seen = await probe()
+    assert done(seen), seen
+    return seen

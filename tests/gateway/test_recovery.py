@@ -15,7 +15,7 @@ from tests.gateway.conftest import ETH, gateway_settings, new_key
 from tests.gateway.paying import v2_header
 from tests.gateway.server import ServerThread, free_port
 from tests.gateway.test_paid_flow import wait_terminal
-from tests.helpers import wait_balance
+from tests.helpers import wait_balance, wait_until
 
 BODY = {"prompt": "too slow", "templateData": {"duration": 20}}  # outlives its 1 s timeout
 
@@ -100,8 +100,12 @@ async def test_refund_of_a_failed_task_is_sent_by_the_sweep_once_the_settler_can
 
             local_chain.fund(settler, usdc=amount)  # no restart
             await wait_balance(local_chain, payer.address, before, limit_s=30)
-            r = await http.get(f"/generation/{task_id}/status")
+
+            async def status() -> httpx.Response:
+                return await http.get(f"/generation/{task_id}/status")
+
+            # the status says so once the ledger does, a moment after the refund's block
+            r = await wait_until(status, lambda r: r.json()["refund"]["status"] == "confirmed")
         assert r.status_code == 500
-        assert r.json()["refund"]["status"] == "confirmed"
     finally:
         server.stop()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from tests.fault_proxy import FaultProxy
-from tests.helpers import wait_balance
+from tests.helpers import wait_balance, wait_until
 from tests.reliability.facts import Recorder
 from tests.reliability.harness import (
     BODY,
@@ -157,7 +157,12 @@ async def test_a_payer_who_never_retries_is_refunded_by_the_sweep(
         # The payer never sends that header again: the sweep finds the transfer, no task for
         # it, and gives the money back, without a restart.
         await wait_balance(local_chain, payer.address, before, limit_s=30)
-        rows = ledger_rows(gw.settings.database)
+
+        async def rows_now() -> list[dict[str, Any]]:
+            return ledger_rows(gw.settings.database)
+
+        # the ledger says so a moment after the refund's block
+        rows = await wait_until(rows_now, lambda rows: rows[0]["state"] == "refunded")
         assert [(row["state"], row["task_id"]) for row in rows] == [("refunded", None)]
         assert rows[0]["refund_tx"] is not None
         again = await _post(gw.url, header)
