@@ -44,7 +44,7 @@ from gateway.errors import (
 from gateway.payment_services import PaymentServices, open_payments
 from gateway.settings import Settings
 from payments import reasons
-from payments.facilitator import Facilitator, FacilitatorRequest
+from payments.facilitator import HANDED_OVER, Facilitator, FacilitatorRequest
 from payments.wire import MAX_JSON_DEPTH, json_nesting_exceeds
 
 __all__ = ["MAX_FACILITATOR_BODY_BYTES", "create_facilitator_app"]
@@ -92,7 +92,10 @@ def create_facilitator_app(
             settings, settler_key=settler_key, pay_to=settler_address, clock=clock
         ) as services:
             if services.reconciled.needs_task:
-                # Settled before a crash: the resource server that asked owns the work.
+                # Settled before a crash: the resource server that asked owns the work (its
+                # retry of /settle gets this outcome); handed over, so never looked at again.
+                for payment_id in services.reconciled.needs_task:
+                    await services.processor.link_task(payment_id, HANDED_OVER)
                 log.info(
                     "reconciled %d settled payments (the resource servers deliver them)",
                     len(services.reconciled.needs_task),

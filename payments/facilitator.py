@@ -40,6 +40,7 @@ from payments.wire import (
 )
 
 __all__ = [
+    "HANDED_OVER",
     "Facilitator",
     "FacilitatorRequest",
     "FacilitatorSettleResponse",
@@ -48,6 +49,9 @@ __all__ = [
     "VerifyResponse",
 ]
 
+# The ledger's "work" of a payment we settled for a resource server: the answer handed over.
+# Linked so the row leaves the pending set that start-up and sweeps read.
+HANDED_OVER: Final = "facilitator:settled"
 _NO_RESOURCE: Final = "urn:x402:facilitator"
 _SCHEME: Final = "exact"
 _DOMAIN_KEYS: Final = frozenset({"name", "version"})
@@ -249,6 +253,8 @@ class Facilitator:
             payment = self._payment(body)
             payer = payment.payer
             settled = await self._processor.settle_payment(payment)
+            if settled.task_id is None:
+                await self._processor.link_task(settled.payment_id, HANDED_OVER)
         except (InvalidPayment, SettlementFailed) as exc:
             return FacilitatorSettleResponse(
                 success=False,

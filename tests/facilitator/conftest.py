@@ -37,14 +37,14 @@ class Service:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}"}
 
-    def ledger_rows(self, payer: str) -> list[tuple[str, str | None, int]]:
-        """(state, tx_hash, amount) of every ledger row of ``payer``."""
+    def ledger_rows(self, payer: str) -> list[tuple[str, str | None, int, str | None]]:
+        """(state, tx_hash, amount, task_id) of every ledger row of ``payer``."""
         with sqlite3.connect(self.database) as db:
             rows = db.execute(
-                "SELECT state, tx_hash, amount FROM payments WHERE lower(payer) = ?",
+                "SELECT state, tx_hash, amount, task_id FROM payments WHERE lower(payer) = ?",
                 (payer.lower(),),
             ).fetchall()
-        return [(str(s), t, int(a)) for s, t, a in rows]
+        return [(str(s), t, int(a), k) for s, t, a, k in rows]
 
 
 @pytest.fixture(scope="module")

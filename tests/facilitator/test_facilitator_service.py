@@ -7,6 +7,7 @@ sells to the official client."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from gateway.cli import main
 from gateway.facilitator_app import create_facilitator_app
 from gateway.settings import Settings
 from payments import BASE, decode_settle_response, reasons
+from payments.facilitator import HANDED_OVER
+from payments.ledger import NewPayment, SqliteLedger
 from tests.facilitator.conftest import (
     ETH,
     TOKEN,
@@ -101,7 +104,8 @@ def test_verify_settle_and_retry_move_money_once(
     assert again.json() == settled
     assert local_chain.usdc_balance(payer.address) == before - 42_000
     assert local_chain.usdc_balance(pay_to.address) == 42_000
-    assert service.ledger_rows(payer.address) == [("settled", tx, 42_000)]
+    # handed over: out of the pending set that start-up reconciliation reads
+    assert service.ledger_rows(payer.address) == [("settled", tx, 42_000, HANDED_OVER)]
 
     spent = post(service, "/verify", body).json()  # the authorization is used now
     assert spent["isValid"] is False
@@ -358,4 +362,40 @@ async def test_official_server_uses_our_facilitator(
     assert receipt.network == BASE.caip2
     assert local_chain.usdc_balance(payer.address) == before - PRICE
     assert local_chain.usdc_balance(pay_to) == PRICE
-    assert service.ledger_rows(payer.address) == [("settled", receipt.transaction, PRICE)]
+    assert service.ledger_rows(payer.address) == [
+        ("settled", receipt.transaction, PRICE, HANDED_OVER)
+    ]
+
+
+async def test_a_settled_row_a_crash_left_is_handed_over_at_start_up(
+    local_chain: Any, tmp_path: Path
+) -> None:
+    # Settled, then the process died before the row was marked handed over.
+    database = tmp_path / "crashed.db"
+    async with SqliteLedger(database) as ledger:
+        row, _ = await ledger.reserve(
+            NewPayment(
+                chain_id=BASE.chain_id,
+                asset=BASE.usdc,
+                payer=new_key().address,
+                nonce=os.urandom(32),
+                amount=PRICE,
+                pay_to=new_key().address,
+                network=BASE.caip2,
+                version=2,
+                valid_before=2**40,
+            )
+        )
+        await ledger.mark_settled(row.id, "0x" + "ab" * 32)
+        assert [r.id for r in await ledger.pending()] == [row.id]
+    settings = Settings(
+        _env_file=None,
+        rpc_url=local_chain.rpc_url,
+        settler_key=SecretStr(new_key().key),
+        database=database,
+    )
+    ServerThread(create_facilitator_app(settings), free_port()).start().stop()
+    async with SqliteLedger(database) as ledger:
+        assert await ledger.pending() == []  # start-up never reads it again
+        after = await ledger.get(row.id)
+    assert (after.state.value, after.task_id) == ("settled", HANDED_OVER)
