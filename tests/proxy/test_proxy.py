@@ -161,8 +161,11 @@ async def test_upstream_500_after_payment_is_refunded_on_chain(
         assert r.status_code == 500
         assert r.json() == {"error": "upstream broke"}  # the upstream's answer, passed on
         assert decode_settle_response(r.headers["payment-response"]).success  # it was charged
-        await wait_balance(local_chain, payer.address, before)  # ... and given back
         hits = len(recorder.hits("/v1/fail"))
+        # at once, while the refund may still be on its way: already no longer usable
+        early = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
+        assert early.status_code == 409 and early.json()["error"] == "payment_refunded"
+        await wait_balance(local_chain, payer.address, before)  # ... and given back
         again = await http.post("/v1/fail", json={}, headers={"PAYMENT-SIGNATURE": header})
     assert again.status_code == 409 and again.json()["error"] == "payment_refunded"
     assert len(recorder.hits("/v1/fail")) == hits  # a refunded payment buys nothing
