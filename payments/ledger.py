@@ -234,6 +234,12 @@ _PENDING_WHERE = (
     "OR (state = 'settled' AND task_id IS NULL)"
 )
 
+# Served by the partial index payments_pending (only pending rows are in it).
+PENDING_SQL = (
+    f"SELECT {_COLUMNS} FROM payments "  # noqa: S608
+    f"WHERE ({_PENDING_WHERE}) AND updated_at_ms <= ? LIMIT ?"
+)
+
 
 @functools.lru_cache(maxsize=4096)
 def _key_address(address: str) -> str:
@@ -598,11 +604,7 @@ class SqliteLedger:
         """Rows a restart must look at: in flight, settled without work, refund in flight.
         With ``idle_for_ms``, only those unchanged for that long (a sweep while serving)."""
         changed_before = _NEVER_MS if idle_for_ms is None else self._now_ms() - idle_for_ms
-        return await self._fetch(
-            f"SELECT {_COLUMNS} FROM payments "  # noqa: S608
-            f"WHERE ({_PENDING_WHERE}) AND updated_at_ms <= ? LIMIT ?",
-            (changed_before, limit),
-        )
+        return await self._fetch(PENDING_SQL, (changed_before, limit))
 
     async def totals(
         self, *, chain_id: int | None = None, asset: str | None = None
