@@ -246,28 +246,32 @@ class _Deliveries:
             self._check_usable(payment_id, row.state, task_id=row.task_id)
         self.inflight[payment_id] = _FORWARDING
         scope.setdefault("state", {})[_OWNER_KEY] = payment_id
-        delivered = False
+        delivered: str | None = None  # the delivery recorded in the ledger
 
         async def send_marked(message: Message) -> None:
             nonlocal delivered
             if message["type"] == "http.response.start" and message["status"] < 500:
                 # Recorded before the client sees anything: a crash after this point leaves a
                 # delivered payment, never a refund for an answered request.
-                await self.money().processor.link_task(
-                    payment_id, f"{DELIVERED_PREFIX}{message['status']}"
-                )
-                delivered = True
+                marker = f"{DELIVERED_PREFIX}{message['status']}"
+                await self.money().processor.link_task(payment_id, marker)
+                delivered = marker
             await send(message)
 
         try:
             whole = await self.forwarder.forward(scope, receive, send_marked)
-            if delivered and not whole:
+            if delivered is not None and not whole:
                 # The upstream broke off mid-answer: the client got a cut connection, not
-                # what it paid for. (A crash before this refund leaves it marked delivered.)
+                # what it paid for. Not delivered after all (recorded first, so a refund that
+                # fails now is retried by the sweep and at start-up), then refunded.
                 self.inflight[payment_id] = _REFUNDING
+                try:
+                    await self.money().processor.unlink_task(payment_id, delivered)
+                except Exception:  # the ledger is down: refund now all the same
+                    log.exception("could not record payment %s as undelivered", payment_id)
                 await _refund_quietly(self.money(), payment_id)
         finally:
-            if delivered:
+            if delivered is not None:
                 self.inflight.pop(payment_id, None)
 
     def _check_usable(self, payment_id: str, state: PaymentState, *, task_id: str | None) -> None:
@@ -317,8 +321,8 @@ async def _refund_quietly(services: PaymentServices, payment_id: str) -> None:
         row = await services.processor.refund(payment_id)
         log.info("refunded undelivered payment=%s tx=%s", payment_id, row.refund_tx)
     except Exception:
-        # Still settled with no delivery recorded: the next start-up refunds it.
-        log.exception("refund of payment %s failed; retried at the next start", payment_id)
+        # Still settled with no delivery recorded: the payment sweep (and start-up) refunds it.
+        log.exception("refund of payment %s failed; retried later", payment_id)
 
 
 class _ProxyEndpoint:

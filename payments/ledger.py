@@ -177,6 +177,7 @@ class Ledger(Protocol):
     async def mark_failed(self, payment_id: str, reason: str) -> PaymentRecord: ...
     async def release(self, payment_id: str) -> None: ...
     async def link_task(self, payment_id: str, task_id: str) -> PaymentRecord: ...
+    async def unlink_task(self, payment_id: str, task_id: str) -> PaymentRecord: ...
     async def mark_refund_submitted(
         self, payment_id: str, tx_hash: str, *, resend: bool = False
     ) -> PaymentRecord: ...
@@ -424,6 +425,7 @@ class SqliteLedger:
         *,
         idempotent: Callable[[PaymentRecord], bool] | None = None,
         also: str = "",
+        also_params: Sequence[Any] = (),
         durable: bool = True,
     ) -> PaymentRecord:
         placeholders = ", ".join("?" for _ in allowed_from)
@@ -433,7 +435,7 @@ class SqliteLedger:
         )
         rows = await self._write(
             sql,
-            [*params, self._now_ms(), payment_id, *(s.value for s in allowed_from)],
+            [*params, self._now_ms(), payment_id, *(s.value for s in allowed_from), *also_params],
             durable=durable,
         )
         if rows:
@@ -563,6 +565,21 @@ class SqliteLedger:
             idempotent=lambda r: r.task_id == task_id,
             also=" AND task_id IS NULL",
             durable=False,
+        )
+
+    async def unlink_task(self, payment_id: str, task_id: str) -> PaymentRecord:
+        """Take back ``task_id``: the work it named was not delivered after all, so the payment
+        is pending again (its refund is owed; start-up and sweeps see it). Durable, as it is
+        the only record of that debt."""
+        return await self._transition(
+            payment_id,
+            "unlink a task",
+            (_S.SETTLED,),
+            "task_id = NULL",
+            (),
+            idempotent=lambda r: r.state is _S.SETTLED and r.task_id is None,
+            also=" AND task_id = ?",
+            also_params=(task_id,),
         )
 
     async def mark_refund_submitted(

@@ -751,6 +751,10 @@ class PaymentProcessor:
     async def link_task(self, payment_id: str, task_id: str) -> PaymentRecord:
         return await self._ledger.link_task(payment_id, task_id)
 
+    async def unlink_task(self, payment_id: str, task_id: str) -> PaymentRecord:
+        """The work ``task_id`` was not delivered after all: the payment is owed back."""
+        return await self._ledger.unlink_task(payment_id, task_id)
+
     async def refund(self, payment_id: str) -> PaymentRecord:
         """Send the payer's money back (settled -> refund_submitted -> refunded). Idempotent:
         a refunded payment returns as is; a refund in flight is awaited, not sent again."""

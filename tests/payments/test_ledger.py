@@ -195,6 +195,21 @@ async def test_pending_and_totals(ledger: SqliteLedger) -> None:
     assert (await ledger.totals(asset=USDC.lower())).net == 101_100
 
 
+async def test_unlink_task_takes_back_only_the_named_delivery(ledger: SqliteLedger) -> None:
+    row, _ = await ledger.reserve(new_payment())
+    with pytest.raises(IllegalTransition):
+        await ledger.unlink_task(row.id, "proxy:200")  # not settled yet
+    await ledger.mark_settled(row.id, TX_A)
+    await ledger.link_task(row.id, "proxy:200")
+    assert row.id not in {r.id for r in await ledger.pending()}
+    with pytest.raises(IllegalTransition):
+        await ledger.unlink_task(row.id, "proxy:201")  # another delivery than the one recorded
+    row = await ledger.unlink_task(row.id, "proxy:200")
+    assert row.task_id is None and row.state is PaymentState.SETTLED
+    assert row.id in {r.id for r in await ledger.pending()}  # owed back: pending again
+    assert (await ledger.unlink_task(row.id, "proxy:200")).task_id is None  # idempotent
+
+
 async def test_pending_for_a_sweep_only_lists_rows_left_alone_long_enough(
     tmp_path: Path,
 ) -> None:

@@ -4,10 +4,12 @@ start-up, or, without a restart, by the payment sweep."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.proxy_app import create_proxy_app
 from payments.localchain import DevAccount
@@ -99,5 +101,40 @@ async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
         local_chain.fund(settler, usdc=lost + kept)  # the operator funds the settler; no restart
         await wait_balance(local_chain, payer.address, before - kept, limit_s=30)
         assert local_chain.usdc_balance(settler) == kept  # the delivered payment stays paid
+    finally:
+        server.stop()
+
+
+async def test_a_broken_stream_whose_refund_failed_is_refunded_by_the_sweep(
+    local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
+) -> None:
+    settler, key = _unfunded_settler(local_chain)
+    cold, _ = new_key()
+    port = free_port()
+    settings = proxy_settings(
+        tmp_path,
+        local_chain.rpc_url,
+        key,
+        port,
+        upstream[1],
+        pay_to=cold,
+        payment_sweep_interval_seconds=1,
+        payment_sweep_idle_seconds=1,
+    )
+    payer: DevAccount = funded_payer()
+    before = local_chain.usdc_balance(payer.address)
+    server = ServerThread(create_proxy_app(settings), port).start()
+    try:
+        gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
+        amount, r402 = await challenge(gw, "/v1/broken", {})
+        header = v2_header(r402.headers["payment-required"], payer.private_key)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            with pytest.raises(httpx.RemoteProtocolError):  # the answer broke off
+                await http.post("/v1/broken", json={}, headers={"PAYMENT-SIGNATURE": header})
+        await asyncio.sleep(1.5)  # the refund was tried and failed; a sweep or more ran
+        assert local_chain.usdc_balance(payer.address) == before - amount
+
+        local_chain.fund(settler, usdc=amount)  # no restart
+        await wait_balance(local_chain, payer.address, before, limit_s=30)
     finally:
         server.stop()
