@@ -5,6 +5,8 @@ start-up, or, without a restart, by the payment sweep."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +76,11 @@ async def test_only_undelivered_payments_are_refunded_at_start_up(
         server.stop()
 
 
-async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
-    local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
-) -> None:
+@contextmanager
+def _sweeping_proxy(
+    local_chain: Any, tmp_path: Path, upstream: UpstreamFixture
+) -> Iterator[tuple[Proxy, str]]:
+    """(proxy, its settler) with an unfunded settler and a payment sweep every second."""
     settler, key = _unfunded_settler(local_chain)
     cold, _ = new_key()
     port = free_port()
@@ -90,45 +94,36 @@ async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
         payment_sweep_interval_seconds=1,
         payment_sweep_idle_seconds=1,
     )
-    payer: DevAccount = funded_payer()
-    before = local_chain.usdc_balance(payer.address)
     server = ServerThread(create_proxy_app(settings), port).start()
     try:
-        gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
+        yield Proxy(url=server.url, pay_to=cold, settings=settings, server=server), settler
+    finally:
+        server.stop()
+
+
+async def test_a_refund_that_failed_is_sent_by_the_sweep_without_a_restart(
+    local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
+) -> None:
+    payer: DevAccount = funded_payer()
+    before = local_chain.usdc_balance(payer.address)
+    with _sweeping_proxy(local_chain, tmp_path, upstream) as (gw, settler):
         kept, lost = await _one_delivered_one_failed(gw, payer)
         assert local_chain.usdc_balance(payer.address) == before - kept - lost  # not yet back
 
         local_chain.fund(settler, usdc=lost + kept)  # the operator funds the settler; no restart
         await wait_balance(local_chain, payer.address, before - kept, limit_s=30)
         assert local_chain.usdc_balance(settler) == kept  # the delivered payment stays paid
-    finally:
-        server.stop()
 
 
 async def test_a_broken_stream_whose_refund_failed_is_refunded_by_the_sweep(
     local_chain: Any, tmp_path: Path, funded_payer: Any, upstream: UpstreamFixture
 ) -> None:
-    settler, key = _unfunded_settler(local_chain)
-    cold, _ = new_key()
-    port = free_port()
-    settings = proxy_settings(
-        tmp_path,
-        local_chain.rpc_url,
-        key,
-        port,
-        upstream[1],
-        pay_to=cold,
-        payment_sweep_interval_seconds=1,
-        payment_sweep_idle_seconds=1,
-    )
     payer: DevAccount = funded_payer()
     before = local_chain.usdc_balance(payer.address)
-    server = ServerThread(create_proxy_app(settings), port).start()
-    try:
-        gw = Proxy(url=server.url, pay_to=cold, settings=settings, server=server)
+    with _sweeping_proxy(local_chain, tmp_path, upstream) as (gw, settler):
         amount, r402 = await challenge(gw, "/v1/broken", {})
         header = v2_header(r402.headers["payment-required"], payer.private_key)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
             with pytest.raises(httpx.RemoteProtocolError):  # the answer broke off
                 await http.post("/v1/broken", json={}, headers={"PAYMENT-SIGNATURE": header})
         await asyncio.sleep(1.5)  # the refund was tried and failed; a sweep or more ran
@@ -136,5 +131,3 @@ async def test_a_broken_stream_whose_refund_failed_is_refunded_by_the_sweep(
 
         local_chain.fund(settler, usdc=amount)  # no restart
         await wait_balance(local_chain, payer.address, before, limit_s=30)
-    finally:
-        server.stop()
