@@ -227,9 +227,9 @@ _COLUMNS = (
     "tx_hash, reason, task_id, refund_tx, created_at_ms, updated_at_ms"
 )
 
-# Must stay textually identical to the partial index's WHERE so SQLite can use the index.
 _NEVER_MS = 2**62  # an updated_at_ms no row reaches
 
+# Must stay textually identical to the partial index's WHERE so SQLite can use the index.
 _PENDING_WHERE = (
     "state IN ('reserved', 'submitted', 'refund_submitted') "
     "OR (state = 'settled' AND task_id IS NULL)"
