@@ -74,6 +74,7 @@ def render(facts: Sequence[Fact], *, generated: str) -> str:
     lines += _crashes(facts)
     lines += _secrets(facts)
     lines += _load(facts)
+    lines += _attacks(facts)
     if gaps:
         lines += ["**Known gaps** (tests marked xfail, strict: they fail loudly once fixed):", ""]
         lines += [f"- `{g.split('::')[-1]}`" for g in gaps]
@@ -173,6 +174,38 @@ def _crashes(facts: Sequence[Fact]) -> list[str]:
             f" {f['retry_status']}, {_retry_charge(f)} | {_yes(f['ledger_equals_chain'])} |"
         )
     return [*lines, ""]
+
+
+def _attacks(facts: Sequence[Fact]) -> list[str]:
+    """One table per ``group`` of "attack" facts: what was tried, the honest payers' p50
+    before and during it (when the test measured them), and what happened."""
+    by_group: dict[str, list[Fact]] = defaultdict(list)
+    for f in _of(facts, "attack"):
+        by_group[f["group"]].append(f)
+    lines: list[str] = []
+    for group in sorted(by_group):
+        rows = by_group[group]
+        timed = any(f.get("p50_before_ms") is not None for f in rows)
+        lines += [f"**{group}**:", ""]
+        if timed:
+            lines += [
+                "| attack | honest p50 before | honest p50 during | outcome |",
+                "|---|---:|---:|---|",
+            ]
+        else:
+            lines += ["| attack | outcome |", "|---|---|"]
+        for f in sorted(rows, key=lambda f: f["attack"]):
+            if timed:
+                before, during = f.get("p50_before_ms"), f.get("p50_during_ms")
+                lines.append(f"| {f['attack']} | {_ms(before)} | {_ms(during)} | {f['outcome']} |")
+            else:
+                lines.append(f"| {f['attack']} | {f['outcome']} |")
+        lines.append("")
+    return lines
+
+
+def _ms(value: object) -> str:
+    return "-" if value is None else f"{float(value):.0f} ms"  # type: ignore[arg-type]
 
 
 def _retry_charge(fact: Fact) -> str:

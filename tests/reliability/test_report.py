@@ -64,6 +64,41 @@ def test_render_carries_the_recorded_figures() -> None:
     assert render(FACTS, generated="2026-01-01") == text  # deterministic
 
 
+def test_attacks_render_one_table_per_group() -> None:
+    attacks = [
+        {
+            "kind": "attack",
+            "test": "t",
+            "group": "Unpaid load",
+            "attack": "b flood",
+            "p50_before_ms": 28.4,
+            "p50_during_ms": 40.0,
+            "outcome": "429 after 20",
+        },
+        {
+            "kind": "attack",
+            "test": "t",
+            "group": "Unpaid load",
+            "attack": "a idle sockets",
+            "p50_before_ms": 30,
+            "outcome": "capped",
+        },
+        {
+            "kind": "attack",
+            "test": "t",
+            "group": "Money path",
+            "attack": "uint256 max",
+            "outcome": "400 invalid_exact_evm_payload_authorization_valid_before",
+        },
+    ]
+    text = render([*FACTS, *attacks], generated="2026-01-01")
+    assert "**Money path**:\n\n| attack | outcome |" in text
+    assert "| uint256 max | 400 invalid_exact_evm_payload_authorization_valid_before |" in text
+    unpaid = text.index("**Unpaid load**")
+    assert text.index("| a idle sockets | 30 ms | - | capped |") > unpaid
+    assert text.index("| b flood | 28 ms | 40 ms | 429 after 20 |") > text.index("a idle")
+
+
 def test_a_failed_run_is_not_published() -> None:
     failed = [*FACTS, {"kind": "outcome", "test": "t.py::b", "outcome": "failed", "seconds": 1}]
     with pytest.raises(ReportError, match=r"t\.py::b"):
